@@ -1,0 +1,44 @@
+# VisionChat developer commands. `make serve` and `make test` are the two set-up commands of the README:
+# both create the virtual environment and generate the stubs on first use.
+SHELL := /bin/bash
+PY_VERSION ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+GEN := gen
+PROTOS := $(shell find proto -name '*.proto')
+
+.PHONY: setup stubs serve demo test bench lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PY_VERSION) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU torch build; a plain `pip install torch` would fetch several GB of CUDA wheels.
+	if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install -q "$(TORCH_WHEEL)"; \
+	else $(PIP) install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.13.0"; fi
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed $(GEN)/python/.stamp
+
+# Python stubs go to gen/python, which a .pth file puts on the venv's import path.
+$(GEN)/python/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf $(GEN)/python && mkdir -p $(GEN)/python
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(GEN)/python --pyi_out=$(GEN)/python \
+		--grpc_python_out=$(GEN)/python $(PROTOS)
+	find $(GEN)/python -type d -exec touch {}/__init__.py \;
+	rm -f $(GEN)/python/__init__.py
+	echo "$(abspath $(GEN)/python)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/visionchat_gen.pth"
+	touch $@
+
+stubs: setup
+
+serve: setup
+	$(PY) -m service $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(GEN) build

@@ -1,0 +1,71 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks per worker.
+
+`BlockPool` hands out block ids and takes them back; `KVCache` owns the tensors. Sizing happens
+once at start-up from a byte budget, so a busy worker never allocates device memory per request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..model.config import ModelConfig
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV pool: {n} blocks asked, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks_for(self, memory_bytes: int) -> int:
+        return memory_bytes // self.bytes_per_block
+
+
+class KVCache:
+    """Per layer one tensor (2, num_blocks, block_size, kv_heads, head_dim): keys then values."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.layers = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

@@ -1,0 +1,83 @@
+"""Next-token selection for a whole step in one pass.
+
+Greedy rows take an argmax of the raw logits (so greedy output equals the original model's). Sampled
+rows apply repetition penalty, temperature, top-k and top-p as batched tensor ops; only the final
+draw is per row, because each seeded request owns its generator and must give the same tokens
+whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from .request import SamplingOptions, TokenOutput
+
+
+@dataclass
+class SamplingRow:
+    options: SamplingOptions
+    seen_token_ids: list[int]  # prompt and output ids, for the repetition penalty
+    generator: torch.Generator | None
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        penalty = row.options.repetition_penalty
+        if penalty == 1.0 or penalty <= 0.0:
+            continue
+        ids = torch.tensor(sorted({t for t in row.seen_token_ids if 0 <= t < logits.shape[1]}), dtype=torch.long)
+        if ids.numel() == 0:
+            continue
+        picked = logits[i, ids]
+        logits[i, ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    drop = ranks >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
+    """logits: (S, vocab) float32, one row per sequence that samples this step."""
+    work = logits
+    if any(r.options.repetition_penalty not in (0.0, 1.0) for r in rows):
+        work = _apply_repetition_penalty(logits.clone(), rows)
+    chosen = work.argmax(dim=-1)
+    sampled_idx = [i for i, r in enumerate(rows) if not r.options.greedy]
+    if sampled_idx:
+        sub_rows = [rows[i] for i in sampled_idx]
+        sub = work[sampled_idx]
+        temps = torch.tensor([r.options.temperature for r in sub_rows], dtype=sub.dtype)
+        top_k = torch.tensor([r.options.top_k for r in sub_rows], dtype=torch.long)
+        top_p = torch.tensor([r.options.top_p if 0 < r.options.top_p < 1 else 1.0 for r in sub_rows], dtype=sub.dtype)
+        probs = _filter_top_k_top_p(sub / temps[:, None], top_k, top_p).softmax(dim=-1)
+        for j, (i, row) in enumerate(zip(sampled_idx, sub_rows)):
+            chosen[i] = torch.multinomial(probs[j], 1, generator=row.generator).item()
+
+    token_ids = chosen.tolist()
+    outputs = [TokenOutput(t) for t in token_ids]
+    want_logprobs = [i for i, r in enumerate(rows) if r.options.logprobs > 0]
+    if want_logprobs:
+        # Log-probabilities of the model's own distribution, before any sampling transform.
+        logprobs = logits[want_logprobs].log_softmax(dim=-1)
+        for j, i in enumerate(want_logprobs):
+            top = logprobs[j].topk(rows[i].options.logprobs)
+            outputs[i] = TokenOutput(
+                token_ids[i],
+                logprob=float(logprobs[j, token_ids[i]]),
+                top_logprobs=tuple(zip(top.indices.tolist(), top.values.tolist())),
+            )
+    return outputs

@@ -1,0 +1,124 @@
+"""Continuous batching with chunked prefill, admission by free KV blocks and preemption by recompute.
+
+Every step: running sequences first (single-token decodes before prefill chunks, oldest first), then
+waiting ones while the token budget, the sequence limit and the free blocks allow. When the pool
+runs dry, the newest running sequence is preempted: its blocks are freed and it goes back to the
+front of the queue to be recomputed later, so nobody fails for lack of memory that others hold.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache import BlockPool, blocks_needed
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes_known_tokens(self) -> bool:
+        """After this chunk every known token is computed, so the step samples the next one."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    block_size: int
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, limits: SchedulerLimits) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, cancelled or failed) and free all its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.reset_computation()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = blocks_needed(seq.num_computed_tokens + num_tokens, self.limits.block_size) - len(seq.block_ids)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            seq.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _sync_long_rope(self, seq: Sequence) -> None:
+        # Crossing the original context while decoding: recompute every key with the long factors.
+        if seq.num_computed_tokens and seq.kv_long_rope != seq.wants_long_rope:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []
+            seq.reset_computation()
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.limits.max_num_batched_tokens
+        scheduled: list[ScheduledChunk] = []
+        preempted = False
+        for seq in sorted(self.running, key=lambda s: s.num_remaining > 1):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            self._sync_long_rope(seq)
+            n = min(seq.num_remaining, budget)
+            if n <= 0:
+                continue
+            while not self._grow(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                for i, chunk in enumerate(scheduled):
+                    if chunk.seq is victim:
+                        budget += scheduled.pop(i).num_tokens
+                        break
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled.append(ScheduledChunk(seq, n))
+                budget -= n
+
+        # After a preemption the pool is short: admitting others now would only thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_remaining, budget)
+            if not self._grow(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.mark_scheduled()
+            self.running.append(seq)
+            scheduled.append(ScheduledChunk(seq, n))
+            budget -= n
+        return scheduled
