@@ -1,0 +1,214 @@
+"""Conversation -> prompt token ids, equal to the original ``Phi3VProcessor``.
+
+Images are referenced in user turns as ``<|image_N|>`` (N = request image index + 1). Image k becomes a run
+of ``image_token_counts[k]`` copies of the negative id ``-(k + 1)`` (tests/fixtures/README.md, section 2.2).
+
+Rules beyond the original (it asserts or silently misbehaves; we answer with a :class:`PromptError` that
+names the offending field):
+
+* roles are system/user/assistant; system only first; then user and assistant alternate, starting and
+  ending with user (the prompt asks for the next assistant turn);
+* images attach to user turns only, each image to exactly one turn, every image of the request is used;
+* a placeholder may only name an image attached to its own turn, at most once; attached images the text
+  does not name are placed at the start of the turn as ``<|image_N|>\\n``, in ``image_indices`` order
+  (the model card's layout);
+* images appear in the prompt in request order (image 1 first). The model writes image features into the
+  negative-id positions in sequence order and takes the images in request order (README 2.3, step 6), so
+  any other order would give an image the wrong features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+ROLES = ("system", "user", "assistant")
+# The exact pattern Phi3VProcessor splits on: whatever it would treat as an image tag, we validate.
+_PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
+_END_OF_TURN = "<|end|>"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    image_indices: tuple[int, ...] = ()  # 0-based indices into the request's image list (user turns only)
+
+
+class PromptError(ValueError):
+    """Invalid conversation; ``field`` names the offending request field, e.g. ``messages[2].role``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _placeholder(index: int) -> str:
+    return f"<|image_{index + 1}|>"
+
+
+def _check_structure(messages: Sequence[ChatMessage]) -> None:
+    if not messages:
+        raise PromptError("messages", "the conversation is empty")
+    offset = 1 if messages[0].role == "system" else 0
+    for i, msg in enumerate(messages):
+        field = f"messages[{i}]"
+        if msg.role not in ROLES:
+            raise PromptError(f"{field}.role", f"unknown role {msg.role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(msg.text, str):
+            raise PromptError(f"{field}.text", "text must be a string")
+        if msg.role == "system" and i > 0:
+            raise PromptError(f"{field}.role", "a system message is only allowed as the first message")
+        if i >= offset:
+            expected = "user" if (i - offset) % 2 == 0 else "assistant"
+            if msg.role != expected:
+                raise PromptError(
+                    f"{field}.role",
+                    f"expected a {expected} message: after an optional system message, turns alternate"
+                    " user/assistant starting with user",
+                )
+    if messages[-1].role != "user":
+        last = f"messages[{len(messages) - 1}].role"
+        raise PromptError(last, "the last message must be a user message (the prompt asks for a reply)")
+
+
+def _attach_images(messages: Sequence[ChatMessage], num_images: int) -> None:
+    """Each image index in range, on a user turn, attached once; every image attached somewhere."""
+    owner: dict[int, int] = {}
+    for i, msg in enumerate(messages):
+        field = f"messages[{i}].image_indices"
+        if msg.image_indices and msg.role != "user":
+            raise PromptError(field, f"images can only be attached to user messages, not {msg.role}")
+        for k in msg.image_indices:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_images:
+                raise PromptError(field, f"image index {k!r} is out of range: the request has {num_images} image(s)")
+            if k in owner:
+                where = "this message" if owner[k] == i else f"messages[{owner[k]}]"
+                raise PromptError(field, f"image {k} is attached more than once (also to {where})")
+            owner[k] = i
+    for k in range(num_images):
+        if k not in owner:
+            raise PromptError(
+                f"images[{k}]", f"image {k} is not attached to any message; every image of the request must be used"
+            )
+
+
+def _turn_text(msg: ChatMessage, i: int, num_images: int) -> tuple[str, list[tuple[int, str]]]:
+    """The turn's final text and its image references in text order, each with the field that placed it."""
+    field = f"messages[{i}].text"
+    named: list[int] = []
+    for match in _PLACEHOLDER.finditer(msg.text):
+        tag, k = match.group(0), int(match.group(1)) - 1
+        if msg.role != "user":
+            raise PromptError(field, f"{tag}: image placeholders are only allowed in user messages")
+        if not 0 <= k < num_images:
+            raise PromptError(field, f"{tag} refers to a missing image: the request has {num_images} image(s)")
+        if k not in msg.image_indices:
+            raise PromptError(field, f"{tag} refers to image {k}, which is not attached to this message")
+        if k in named:
+            raise PromptError(field, f"{tag} appears more than once")
+        named.append(k)
+    unnamed = [k for k in msg.image_indices if k not in named]
+    prefix = "".join(f"{_placeholder(k)}\n" for k in unnamed)
+    refs = [(k, f"messages[{i}].image_indices") for k in unnamed] + [(k, field) for k in named]
+    return prefix + msg.text, refs
+
+
+def validated_turns(messages: Sequence[ChatMessage], num_images: int) -> list[dict[str, str]]:
+    """Validate the conversation; return chat-template messages with every image placeholder in place."""
+    _check_structure(messages)
+    _attach_images(messages, num_images)
+    turns: list[dict[str, str]] = []
+    order: list[tuple[int, str]] = []
+    for i, msg in enumerate(messages):
+        text, refs = _turn_text(msg, i, num_images)
+        turns.append({"role": msg.role, "content": text})
+        order.extend(refs)
+    for position, (k, field) in enumerate(order):
+        if k != position:
+            raise PromptError(
+                field,
+                f"{_placeholder(k)} comes before {_placeholder(position)}: images must appear in the conversation"
+                " in request order",
+            )
+    return turns
+
+
+class PromptBuilder:
+    """Chat template + Phi3VProcessor tokenization for one checkpoint's tokenizer."""
+
+    def __init__(self, tokenizer_dir: str | os.PathLike) -> None:
+        path = Path(tokenizer_dir)
+        # PreTrainedTokenizerFast, not the LlamaTokenizer that tokenizer_config.json names: under
+        # transformers 5 LlamaTokenizer rebuilds the pipeline (no normalizer, Metaspace prepend_scheme
+        # "first"), so a "\n" after a special token loses its "▁" (29871) and "<|end|>\n<|assistant|>"
+        # encodes as 32007, 13, 32001 instead of the original 32007, 29871, 13, 32001.
+        # PreTrainedTokenizerFast runs tokenizer.json as written (Prepend("▁") normalizer applied to
+        # every text segment between special tokens), as tokenizers 0.19 did for the original.
+        self._tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        if not self._tokenizer.chat_template:
+            raise ValueError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template)")
+        bos = self._tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError(f"{path}: the tokenizer defines no BOS token")
+        self._bos_id: int = bos
+        self._eos_token_ids = self._read_eos_ids(path)
+
+    def _read_eos_ids(self, path: Path) -> tuple[int, ...]:
+        ids: list[int] = []
+        end_id = self._tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+        if isinstance(end_id, int) and end_id != self._tokenizer.unk_token_id:
+            ids.append(end_id)  # the chat template closes every turn with <|end|>
+        gen_config = path / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text(encoding="utf-8")).get("eos_token_id")
+            ids.extend([eos] if isinstance(eos, int) else list(eos or []))
+        if self._tokenizer.eos_token_id is not None:
+            ids.append(self._tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    def render(self, messages: Sequence[ChatMessage], num_images: int | None = None) -> str:
+        """Templated prompt text with ``<|image_N|>`` placeholders, ending with the assistant tag.
+
+        ``num_images`` is the request's image count; by default, one more than the largest attached index.
+        """
+        if num_images is None:
+            num_images = 1 + max((k for m in messages for k in m.image_indices if isinstance(k, int)), default=-1)
+        turns = validated_turns(messages, num_images)
+        return self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, messages: Sequence[ChatMessage], image_token_counts: Sequence[int]) -> list[int]:
+        """Prompt ids; image k appears as ``image_token_counts[k]`` copies of ``-(k + 1)``."""
+        for k, count in enumerate(image_token_counts):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"image_token_counts[{k}] must be a positive int, got {count!r}")
+        text = self.render(messages, len(image_token_counts))
+        # As Phi3VProcessor: split at every image tag and tokenize each text chunk on its own, each with a
+        # BOS, so a <s> also follows every image run. The BOS is added here rather than by the tokenizer's
+        # post-processor: transformers 5 reports add_bos_token=False for this tokenizer_config (which says
+        # true) and only tokenizer.json's template adds it, so being explicit keeps both versions equal.
+        parts = _PLACEHOLDER.split(text)  # [chunk, N, chunk, N, ..., chunk]
+        ids: list[int] = []
+        for j, part in enumerate(parts):
+            if j % 2 == 0:
+                ids.append(self._bos_id)
+                ids.extend(self._tokenizer.encode(part, add_special_tokens=False))
+            else:
+                n = int(part)
+                ids.extend([-n] * image_token_counts[n - 1])
+        return ids
