@@ -1,0 +1,225 @@
+"""Command line front end: `python -m client {chat,count-tokens,info} ...`.
+
+Exit codes: 0 success, 1 server/transport error or a generation that finished with "error",
+2 invalid input (INVALID_ARGUMENT from the server, unreadable images, bad flags), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import grpc
+
+from .errors import describe_rpc_error
+from .requests import DEFAULT_CHUNK_SIZE
+from .results import StreamProtocolError
+from .sync import VisionChatClient
+from .types import ChatResult, Delta
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVER_ENV = "VISIONCHAT_SERVER"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+        help=f"host:port or any gRPC target, e.g. dns:///svc:50051 (default: ${SERVER_ENV} or {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--timeout", type=_non_negative_float, default=None, metavar="S", help="deadline in seconds")
+
+
+def _add_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image", action="append", default=None, metavar="PATH",
+        help="image file; repeat for several (attached to the prompt in order)",
+    )
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    parser.add_argument("--num-crops", type=_positive_int, default=None, metavar="N", help="HD crop budget, 1..16")
+    parser.add_argument("prompt", metavar="PROMPT", help='user prompt; "-" reads it from stdin')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description="VisionChat command line client")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="generate a reply, streaming it as it is produced")
+    _add_common(chat)
+    _add_input(chat)
+    chat.add_argument("--max-new-tokens", type=_non_negative_int, default=None, metavar="N")
+    chat.add_argument("--temperature", type=_non_negative_float, default=None, metavar="T", help="0 = greedy")
+    chat.add_argument("--top-p", type=_non_negative_float, default=None, metavar="P")
+    chat.add_argument("--top-k", type=_non_negative_int, default=None, metavar="K")
+    chat.add_argument("--repetition-penalty", type=_non_negative_float, default=None, metavar="R")
+    chat.add_argument("--seed", type=_non_negative_int, default=None, metavar="N")
+    chat.add_argument("--stop", action="append", default=None, metavar="S", help="stop string; repeatable")
+    chat.add_argument(
+        "--stop-token-id", action="append", type=_non_negative_int, default=None, metavar="ID",
+        help="stop token id; repeatable",
+    )
+    chat.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
+    chat.add_argument("--logprobs", type=_non_negative_int, default=None, metavar="N", help="top-N logprobs per token")
+    chat.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    chat.add_argument("--generate", action="store_true", help="use the Generate RPC (inline images) instead of Chat")
+    chat.add_argument(
+        "--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+        help=f"image chunk size for the Chat RPC (default {DEFAULT_CHUNK_SIZE})",
+    )
+    chat.add_argument("--request-id", default=None, metavar="ID", help="id the server logs the request under")
+
+    count = sub.add_parser("count-tokens", help="count prompt tokens without generating; prints JSON")
+    _add_common(count)
+    _add_input(count)
+
+    info = sub.add_parser("info", help="model, limits and worker facts; prints JSON")
+    _add_common(info)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keywords a chat invocation sets; unset flags are left to the server default."""
+    values = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "stop_token_ids": args.stop_token_id,
+        "ignore_eos": args.ignore_eos,
+        "logprobs": args.logprobs,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def usage_line(result: ChatResult) -> str:
+    u, t = result.usage, result.timings
+    return (
+        f"[finish={result.finish_reason} prompt={u.prompt_tokens} image={u.image_tokens} "
+        f"completion={u.completion_tokens} ttft={t.time_to_first_token_seconds:.3f}s total={t.total_seconds:.3f}s]"
+    )
+
+
+def _prompt(args: argparse.Namespace, stdin: TextIO) -> str:
+    return stdin.read() if args.prompt == "-" else args.prompt
+
+
+def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"system": args.system, "num_crops": args.num_crops, "timeout": args.timeout}
+
+
+def _run_chat(client: VisionChatClient, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    kwargs = _input_kwargs(args) | sampling_kwargs(args) | {"request_id": args.request_id}
+    if args.generate:
+        stream = client.stream_generate(_prompt(args, stdin), args.image or (), **kwargs)
+    else:
+        stream = client.stream_chat(_prompt(args, stdin), args.image or (), chunk_size=args.chunk_size, **kwargs)
+    result: ChatResult | None = None
+    last_text = ""
+    for item in stream:
+        if isinstance(item, Delta):
+            if not args.json and item.text:
+                out.write(item.text)
+                out.flush()
+                last_text = item.text
+        else:
+            result = item
+    assert result is not None  # the stream raises StreamProtocolError otherwise
+
+    if args.json:
+        out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    elif last_text and not last_text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    print(usage_line(result), file=err, flush=True)
+    if result.finish_reason == "error":
+        print(f"error: generation failed: {result.error_message or 'no detail given'}", file=err)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _run_count_tokens(client: VisionChatClient, args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    count = client.count_tokens(_prompt(args, stdin), args.image or (), **_input_kwargs(args))
+    out.write(json.dumps(count.to_dict(), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _run_info(client: VisionChatClient, args: argparse.Namespace, out: TextIO) -> int:
+    out.write(json.dumps(client.model_info(timeout=args.timeout), indent=2, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
+) -> int:
+    """Runs one command and returns the exit code; streams are injectable for tests."""
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    args = parse_args(argv)
+    try:
+        with VisionChatClient(args.server) as client:
+            if args.command == "chat":
+                return _run_chat(client, args, out, err, inp)
+            if args.command == "count-tokens":
+                return _run_count_tokens(client, args, out, inp)
+            return _run_info(client, args, out)
+    except grpc.RpcError as exc:
+        info = describe_rpc_error(exc)
+        for line in info.lines():
+            print(line, file=err)
+        return EXIT_INVALID if info.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_ERROR
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; nothing useful is left to say.
+        return EXIT_ERROR
+    except OSError as exc:
+        # Almost always an --image path that cannot be read.
+        print(f"error: {exc}", file=err)
+        return EXIT_INVALID
+    except (ValueError, TypeError) as exc:
+        print(f"error: invalid input: {exc}", file=err)
+        return EXIT_INVALID
+    except StreamProtocolError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=err)
+        return EXIT_INTERRUPTED
