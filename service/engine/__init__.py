@@ -1,6 +1,6 @@
 """Per-worker engine: scheduler, paged KV cache, model runner, sampler."""
 
-from .engine import Engine, EngineConfig, EngineStats
+from .engine import Engine, EngineConfig, EngineStats, check_fits
 from .errors import RequestFailed, RequestRefused
 from .request import EngineRequest, FinishReason, ImagePayload, RequestOutput, SamplingOptions, TokenOutput
 
@@ -16,4 +16,5 @@ __all__ = [
     "RequestRefused",
     "SamplingOptions",
     "TokenOutput",
+    "check_fits",
 ]

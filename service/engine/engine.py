@@ -28,6 +28,24 @@ class EngineConfig:
     max_vision_crops: int = 32
 
 
+def check_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_blocks: int, block_size: int) -> None:
+    """Refuse a request that could never run, whatever else finishes first."""
+    total = prompt_len + max_new_tokens
+    if total > max_model_len:
+        raise RequestRefused(
+            "max_context_tokens",
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+            f"context limit of {max_model_len} tokens",
+        )
+    need = blocks_needed(total, block_size)
+    if need > num_blocks:
+        raise RequestRefused(
+            "kv_cache_memory",
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {need} KV blocks of "
+            f"{block_size} tokens; the worker's KV pool has {num_blocks} blocks ({num_blocks * block_size} tokens)",
+        )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     kv_blocks_total: int
@@ -72,21 +90,7 @@ class Engine:
         return self.scheduler.has_work()
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        total = prompt_len + max_new_tokens
-        if total > self.config.max_model_len:
-            raise RequestRefused(
-                "max_context_tokens",
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"context limit of {self.config.max_model_len} tokens",
-            )
-        need = blocks_needed(total, self.config.block_size)
-        if need > self.pool.num_blocks:
-            raise RequestRefused(
-                "kv_cache_memory",
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {need} KV blocks of "
-                f"{self.config.block_size} tokens, the worker's pool has {self.pool.num_blocks} "
-                f"({self.pool.num_blocks * self.config.block_size} tokens)",
-            )
+        check_fits(prompt_len, max_new_tokens, self.config.max_model_len, self.pool.num_blocks, self.config.block_size)
 
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self.sequences:

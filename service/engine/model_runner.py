@@ -27,6 +27,7 @@ _WORKER_MAX_PIXELS = 1 << 31
 @dataclass
 class StepStats:
     num_tokens: int = 0
+    num_decode_tokens: int = 0
     vision_seconds: float = 0.0
     num_images_encoded: int = 0
 
@@ -116,6 +117,7 @@ class ModelRunner:
         stats.num_tokens = flat
 
         nd = len(decode_lens)
+        stats.num_decode_tokens = nd
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.zeros((nd, max_blocks), dtype=torch.long)
         for i, t in enumerate(decode_tables):

@@ -91,6 +91,43 @@ def _is_skipped(name: str, skipped_prefixes: tuple[str, ...]) -> bool:
     return name in ALIASES or name.startswith(skipped_prefixes)
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    config: ModelConfig
+    weight_map: dict[str, Path]  # checkpoint tensor name -> shard
+    expected: dict[str, tuple[str, torch.Size]]  # checkpoint tensor name -> (parameter name, shape)
+
+
+def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> CheckpointPlan:
+    """Check config, shard files, tensor names and shapes from the headers alone (no tensor data read).
+
+    The server runs this before starting workers, so a broken folder is one error at start-up."""
+    root = Path(model_dir)
+    config = load_model_config(root)
+    weight_map = checkpoint_weight_map(root)
+    with torch.device("meta"):
+        meta_model = Phi3VForCausalLM(config)
+    expected = {checkpoint_name(name): (name, p.shape) for name, p in meta_model.named_parameters()}
+    skipped = unused_vision_tensor_prefixes(config)
+    for name, shard in sorted(weight_map.items()):
+        if name not in expected and not _is_skipped(name, skipped):
+            raise CheckpointError(f"{shard}: unknown tensor {name!r} (not part of a phi3_v model)")
+    missing = sorted(set(expected) - set(weight_map))
+    if missing:
+        raise CheckpointError(f"{root}: tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing)")
+    for shard in sorted(set(weight_map[name] for name in expected)):
+        with _open_shard(shard) as f:
+            stored = set(f.keys())
+            for name in (n for n in expected if weight_map[n] == shard):
+                if name not in stored:
+                    raise CheckpointError(f"{shard}: tensor {name!r} is listed in the index but not stored in this file")
+                shape = tuple(f.get_slice(name).get_shape())
+                want = tuple(expected[name][1])
+                if shape != want:
+                    raise CheckpointError(f"{shard}: tensor {name!r} has shape {list(shape)}, the config needs {list(want)}")
+    return CheckpointPlan(config, weight_map, expected)
+
+
 def load_model(
     model_dir: str | os.PathLike[str],
     dtype: torch.dtype,
@@ -98,53 +135,30 @@ def load_model(
     progress: bool = True,
 ) -> tuple[Phi3VForCausalLM, LoadReport]:
     start = time.perf_counter()
-    root = Path(model_dir)
-    config: ModelConfig = load_model_config(root)
-    weight_map = checkpoint_weight_map(root)
-
+    plan = inspect_checkpoint(model_dir)
     with torch.device("meta"):
-        model = Phi3VForCausalLM(config)
-    # checkpoint tensor name -> (parameter name in this model, shape)
-    expected = {checkpoint_name(name): (name, p.shape) for name, p in model.named_parameters()}
-    skipped = unused_vision_tensor_prefixes(config)
-
-    for name, shard in sorted(weight_map.items()):
-        if name not in expected and not _is_skipped(name, skipped):
-            raise CheckpointError(f"{shard}: unknown tensor {name!r} (not part of a phi3_v model)")
-    missing = sorted(set(expected) - set(weight_map))
-    if missing:
-        raise CheckpointError(f"{root}: tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing)")
+        model = Phi3VForCausalLM(plan.config)
 
     by_shard: dict[Path, list[str]] = {}
-    for name in expected:
-        by_shard.setdefault(weight_map[name], []).append(name)
-
-    unloaded = set(expected)
+    for name in plan.expected:
+        by_shard.setdefault(plan.weight_map[name], []).append(name)
     for shard in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
         with _open_shard(shard) as f:
             for name in by_shard[shard]:
                 try:
-                    stored = f.get_slice(name)
-                    shape = tuple(stored.get_shape())
+                    tensor = f.get_tensor(name)
                 except Exception as exc:
                     raise CheckpointError(f"{shard}: cannot read tensor {name!r} ({exc})") from exc
-                param_name, want = expected[name]
-                if shape != tuple(want):
-                    raise CheckpointError(
-                        f"{shard}: tensor {name!r} has shape {list(shape)}, the config needs {list(want)}"
-                    )
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                _assign(model, param_name, torch.nn.Parameter(tensor, requires_grad=False))
-                unloaded.discard(name)
-    assert not unloaded, f"parameters left unloaded: {sorted(unloaded)[:3]}"
+                param = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+                _assign(model, plan.expected[name][0], param)
 
     model.rope.to(device)
     model.vision.materialize_buffers(device)
     model.eval()
     report = LoadReport(
         seconds=time.perf_counter() - start,
-        num_tensors=len(expected),
-        bytes_on_disk=sum(p.stat().st_size for p in set(weight_map.values())),
+        num_tensors=len(plan.expected),
+        bytes_on_disk=sum(p.stat().st_size for p in set(plan.weight_map.values())),
     )
     return model, report
 

@@ -1,0 +1,169 @@
+"""Request messages -> a validated call: conversation, images, sampling options, prompt token ids.
+
+Every check names the field (or the server limit) it enforces, as INVALID_ARGUMENT with
+google.rpc.BadRequest details. Image decoding and tokenization run in `prepare`, which the servicer
+calls off the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from visionchat.v1 import visionchat_pb2 as pb
+
+from ..config import ServerConfig
+from ..engine import SamplingOptions
+from ..processor.image import ImageDecodeError, MAX_NUM_CROPS, decode_image, num_image_tokens
+from ..processor.prompt import ChatMessage, PromptBuilder, PromptError
+from .errors import ApiError, invalid_argument
+
+ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+DEFAULT_NUM_CROPS_SINGLE = 16
+DEFAULT_NUM_CROPS_MULTI = 4
+
+
+@dataclass(frozen=True)
+class Call:
+    """One chat call, whichever RPC carried it."""
+
+    messages: tuple[ChatMessage, ...]
+    images: tuple[bytes, ...]
+    sampling: pb.SamplingParams
+    num_crops: int | None
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    num_crops: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    prompt_ids: tuple[int, ...]
+    images: tuple[ImageInfo, ...]
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(i.tokens for i in self.images)
+
+
+def convert_messages(messages: list[pb.Message] | tuple[pb.Message, ...]) -> tuple[ChatMessage, ...]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLE_NAMES:
+            raise invalid_argument(f"messages[{i}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        out.append(ChatMessage(role=ROLE_NAMES[m.role], text=m.text, image_indices=tuple(m.image_indices)))
+    if not out:
+        raise invalid_argument("messages", "the conversation is empty")
+    return tuple(out)
+
+
+def resolve_num_crops(options: pb.ImageOptions) -> int | None:
+    if not options.HasField("num_crops"):
+        return None
+    n = options.num_crops
+    if not 1 <= n <= MAX_NUM_CROPS:
+        raise invalid_argument("image_options.num_crops", f"must be between 1 and {MAX_NUM_CROPS}, got {n}")
+    return n
+
+
+def check_image_limits(config: ServerConfig, sizes: list[int], field: str = "images") -> None:
+    if len(sizes) > config.max_images:
+        raise invalid_argument(field, f"{len(sizes)} images exceed the limit of {config.max_images} per request (--max-images)")
+    for k, size in enumerate(sizes):
+        if size > config.max_image_bytes:
+            raise invalid_argument(
+                f"{field}[{k}]", f"{size} bytes exceed the limit of {config.max_image_bytes} bytes per image (--max-image-bytes)"
+            )
+    total = sum(sizes)
+    if total > config.max_total_image_bytes:
+        raise invalid_argument(
+            field, f"{total} image bytes exceed the limit of {config.max_total_image_bytes} per request (--max-total-image-bytes)"
+        )
+
+
+def validate_sampling(s: pb.SamplingParams, config: ServerConfig, vocab_size: int) -> None:
+    def bad(name: str, msg: str) -> ApiError:
+        return invalid_argument(f"sampling.{name}", msg)
+
+    if s.max_new_tokens > config.max_new_tokens:
+        raise bad("max_new_tokens", f"{s.max_new_tokens} exceeds the limit of {config.max_new_tokens} (--max-new-tokens)")
+    if not math.isfinite(s.temperature) or not 0 <= s.temperature <= MAX_TEMPERATURE:
+        raise bad("temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {s.temperature}")
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise bad("top_p", f"must be between 0 and 1, got {s.top_p}")
+    if s.top_k > vocab_size:
+        raise bad("top_k", f"must be at most the vocabulary size {vocab_size}, got {s.top_k}")
+    if not math.isfinite(s.repetition_penalty) or not 0 <= s.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise bad("repetition_penalty", f"must be between 0 and {MAX_REPETITION_PENALTY}, got {s.repetition_penalty}")
+    if s.logprobs > MAX_LOGPROBS:
+        raise bad("logprobs", f"at most {MAX_LOGPROBS} top log-probabilities per token, got {s.logprobs}")
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
+    for i, stop in enumerate(s.stop):
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise bad(f"stop[{i}]", f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long")
+    for i, tid in enumerate(s.stop_token_ids):
+        if tid >= vocab_size:
+            raise bad(f"stop_token_ids[{i}]", f"token id {tid} is outside the vocabulary (size {vocab_size})")
+
+
+def sampling_options(
+    s: pb.SamplingParams, prompt_len: int, config: ServerConfig, context_len: int, eos_token_ids: tuple[int, ...]
+) -> SamplingOptions:
+    room = context_len - prompt_len
+    if room <= 0:
+        raise invalid_argument(
+            "messages", f"the prompt has {prompt_len} tokens; the context limit is {context_len} (--max-context-tokens)"
+        )
+    if s.max_new_tokens:
+        max_new = s.max_new_tokens
+        if max_new > room:
+            raise invalid_argument(
+                "sampling.max_new_tokens",
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) = {prompt_len + max_new} exceeds the "
+                f"context limit of {context_len} tokens",
+            )
+    else:
+        max_new = min(config.default_max_new_tokens, room)
+    return SamplingOptions(
+        max_new_tokens=max_new,
+        temperature=float(s.temperature),
+        top_p=float(s.top_p) if 0 < s.top_p < 1 else 1.0,
+        top_k=int(s.top_k),
+        repetition_penalty=float(s.repetition_penalty) if s.repetition_penalty > 0 else 1.0,
+        seed=int(s.seed) if s.HasField("seed") else None,
+        stop_token_ids=frozenset(int(t) for t in s.stop_token_ids),
+        eos_token_ids=frozenset() if s.ignore_eos else frozenset(eos_token_ids),
+        logprobs=int(s.logprobs),
+    )
+
+
+def prepare(call: Call, builder: PromptBuilder, config: ServerConfig) -> PreparedPrompt:
+    """Decode the images (size and integrity), count their tokens and tokenize the prompt."""
+    num_crops = call.num_crops or (DEFAULT_NUM_CROPS_SINGLE if len(call.images) == 1 else DEFAULT_NUM_CROPS_MULTI)
+    infos = []
+    for k, data in enumerate(call.images):
+        try:
+            image = decode_image(data, config.max_image_pixels)
+            tokens = num_image_tokens(image.width, image.height, num_crops)
+        except ImageDecodeError as exc:
+            raise invalid_argument(f"images[{k}]", str(exc)) from exc
+        except ValueError as exc:  # e.g. an aspect ratio so extreme that the HD transform has no rows
+            raise invalid_argument(f"images[{k}]", str(exc)) from exc
+        infos.append(ImageInfo(image.width, image.height, num_crops, tokens))
+    try:
+        ids = builder.encode(call.messages, [i.tokens for i in infos])
+    except PromptError as exc:
+        raise invalid_argument(exc.field, exc.message) from exc
+    return PreparedPrompt(tuple(ids), tuple(infos))

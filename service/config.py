@@ -1,0 +1,152 @@
+"""Server configuration: one table of options, each a CLI flag with an environment-variable twin.
+
+`OPTIONS` is the single source: argparse, the environment lookup and the README table all come from it
+(`python -m service --print-config-table` prints the Markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+ENV_PREFIX = "VISIONCHAT_"
+MIB = 1 << 20
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1.5G', '1000000' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = text.strip().lower().removesuffix("b").removesuffix("i")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(float(s))
+
+
+def parse_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # flag without dashes, with dashes between words
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", str, "", "Model folder in the Hugging Face layout; empty = the embedded default model"),
+    Option("host", str, "127.0.0.1", "Address the gRPC server binds"),
+    Option("port", int, 50051, "gRPC port (0 = pick a free one)"),
+    Option("metrics-port", int, 9090, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)"),
+    Option("devices", str, "auto", "auto | cpu | cpu,cpu | cuda:0,cuda:1 | npu:0,... : one worker process per entry"),
+    Option("dtype", str, "auto", "Compute dtype: auto (fp32 on CPU, bf16 on accelerators), float32, bfloat16, float16"),
+    Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
+    Option("kv-cache-memory", parse_bytes, 256 * MIB, "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
+    Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of free device memory for the KV pool after a profiling step (overrides --kv-cache-memory when > 0)"),
+    Option("block-size", int, 16, "Tokens per KV-cache block"),
+    Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
+    Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
+    Option("max-vision-crops", int, 16, "336-px crops per vision-tower forward (micro-batch)"),
+    Option("max-queued-requests", int, 256, "Requests waiting for a worker before new ones get RESOURCE_EXHAUSTED"),
+    Option("max-images", int, 32, "Images per request"),
+    Option("max-image-bytes", parse_bytes, 20 * MIB, "Encoded bytes per image"),
+    Option("max-total-image-bytes", parse_bytes, 100 * MIB, "Encoded image bytes per request"),
+    Option("max-image-pixels", int, 40_000_000, "Pixels per decoded image (decompression-bomb guard)"),
+    Option("max-context-tokens", int, 0, "Prompt + generated tokens per request; 0 = the model's context length"),
+    Option("max-new-tokens", int, 4096, "Upper bound on max_new_tokens"),
+    Option("default-max-new-tokens", int, 512, "max_new_tokens when the request leaves it unset"),
+    Option("max-receive-message-bytes", parse_bytes, 64 * MIB, "Largest gRPC message the server accepts"),
+    Option("max-connection-age", float, 300.0, "Seconds before the server asks a client to reconnect (re-resolves DNS; 0 = never)"),
+    Option("drain-seconds", float, 25.0, "On SIGTERM: seconds running streams get to finish"),
+    Option("log-format", str, "text", "text | json"),
+    Option("log-level", str, "INFO", "Python logging level"),
+    Option("model-cache-dir", str, "", "Where the embedded default model is generated (default: ~/.cache/visionchat)"),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str
+    port: int
+    metrics_port: int
+    devices: str
+    dtype: str
+    attention_backend: str
+    kv_cache_memory: int
+    kv_cache_fraction: float
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_vision_crops: int
+    max_queued_requests: int
+    max_images: int
+    max_image_bytes: int
+    max_total_image_bytes: int
+    max_image_pixels: int
+    max_context_tokens: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    max_receive_message_bytes: int
+    max_connection_age: float
+    drain_seconds: float
+    log_format: str
+    log_level: str
+    model_cache_dir: str
+
+
+assert [f.name for f in fields(ServerConfig)] == [o.dest for o in OPTIONS]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="VisionChat gRPC server")
+    for opt in OPTIONS:
+        env_value = os.environ.get(opt.env)
+        default = opt.type(env_value) if env_value is not None else opt.default
+        parser.add_argument(f"--{opt.name}", type=opt.type, default=default, help=f"{opt.help} [env {opt.env}]")
+    parser.add_argument("--print-config-table", action="store_true", help="Print the README configuration table and exit")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    config = ServerConfig(**{o.dest: getattr(args, o.dest) for o in OPTIONS})
+    validate(config)
+    return config, args
+
+
+def validate(config: ServerConfig) -> None:
+    problems = []
+    if config.block_size < 1:
+        problems.append("--block-size must be >= 1")
+    if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1:
+        problems.append("--max-num-batched-tokens and --max-num-seqs must be >= 1")
+    if config.max_vision_crops < 1:
+        problems.append("--max-vision-crops must be >= 1")
+    if config.log_format not in ("text", "json"):
+        problems.append("--log-format must be text or json")
+    if not 0.0 <= config.kv_cache_fraction < 1.0:
+        problems.append("--kv-cache-fraction must be in [0, 1)")
+    if config.default_max_new_tokens > config.max_new_tokens:
+        problems.append("--default-max-new-tokens exceeds --max-new-tokens")
+    if problems:
+        raise SystemExit("configuration error: " + "; ".join(problems))
+
+
+def config_table() -> str:
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = opt.default if opt.default != "" else "(empty)"
+        rows.append(f"| `--{opt.name}` | `{opt.env}` | `{default}` | {opt.help} |")
+    return "\n".join(rows)

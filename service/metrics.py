@@ -1,0 +1,118 @@
+"""Prometheus metrics, all kept in the frontend process.
+
+Workers never touch Prometheus: every step report already carries what happened in that step, and
+the frontend turns it into counters and histograms. So nothing is double counted, nothing is lost
+when a worker restarts (its counts so far are already in the frontend), and there is no
+multiprocess-collector directory to manage. Names follow vLLM's where the meaning is the same,
+with a `visionchat_` prefix.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from .worker.handle import WorkerHandle
+from .worker.protocol import StepReport, WorkerReady
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        w = ["worker"]
+        p = "visionchat_"
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to the first generated token", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive generated tokens of a request", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to the last token", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(p + "request_queue_time_seconds", "Time from arrival until first scheduled on a worker", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram(p + "request_prefill_time_seconds", "Time from first scheduled to the first token", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram(p + "request_decode_time_seconds", "Time from the first token to the last", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.vision = Histogram(p + "vision_encoder_time_per_image_seconds", "Vision tower time per image (step vision time / images in the step)", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens_hist = Histogram(p + "request_prompt_tokens", "Prompt tokens per request (image tokens included)", w, buckets=TOKEN_BUCKETS, registry=r)
+        self.image_tokens_hist = Histogram(p + "request_image_tokens", "Image tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_tokens_hist = Histogram(p + "request_generation_tokens", "Generated tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
+        self.step_tokens = Histogram(p + "iteration_tokens", "Tokens per engine step (decode + prefill)", w, buckets=STEP_TOKEN_BUCKETS, registry=r)
+
+        self.running = Gauge(p + "num_requests_running", "Requests in a worker's running batch", w, registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests queued in a worker, not yet running", w, registry=r)
+        self.frontend_waiting = Gauge(p + "num_requests_waiting_frontend", "Requests accepted by the frontend that have not produced a token yet", registry=r)
+        self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", w, registry=r)
+        self.kv_free = Gauge(p + "kv_cache_free_blocks", "Free KV-cache blocks", w, registry=r)
+        self.kv_total = Gauge(p + "kv_cache_total_blocks", "KV-cache blocks in the pool", w, registry=r)
+        self.workers_alive = Gauge(p + "workers_alive", "Worker processes that are up and ready", registry=r)
+
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", w, registry=r)
+        self.image_tokens = Counter(p + "image_tokens", "Image tokens of finished requests", w, registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", w, registry=r)
+        self.finished = Counter(p + "request_success", "Requests finished, by finish reason", ["worker", "finished_reason"], registry=r)
+        self.failed = Counter(p + "request_failures", "Requests that ended with a gRPC error, by code", ["code"], registry=r)
+        self.preemptions = Counter(p + "num_preemptions", "Sequences preempted (KV freed, recomputed later)", w, registry=r)
+        self.restarts = Counter(p + "worker_restarts", "Worker processes restarted after dying", w, registry=r)
+
+        self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, by method and code", ["grpc_service", "grpc_method", "grpc_type", "grpc_code"], registry=r)
+        self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time on the server", ["grpc_service", "grpc_method", "grpc_type"], buckets=LATENCY_BUCKETS, registry=r)
+        self.info = Info(p + "build", "Model, version, devices and KV-cache geometry", registry=r)
+        self._preemptions_seen: dict[str, int] = {}
+
+    def request_finished(
+        self,
+        worker: str,
+        reason: str,
+        *,
+        prompt_tokens: int,
+        image_tokens: int,
+        generation_tokens: int,
+        queue_seconds: float | None,
+        ttft_seconds: float | None,
+        total_seconds: float,
+    ) -> None:
+        self.finished.labels(worker, reason).inc()
+        self.prompt_tokens.labels(worker).inc(prompt_tokens)
+        self.image_tokens.labels(worker).inc(image_tokens)
+        self.prompt_tokens_hist.labels(worker).observe(prompt_tokens)
+        self.image_tokens_hist.labels(worker).observe(image_tokens)
+        self.generation_tokens_hist.labels(worker).observe(generation_tokens)
+        self.e2e.labels(worker).observe(total_seconds)
+        if queue_seconds is not None:
+            self.queue.labels(worker).observe(queue_seconds)
+        if ttft_seconds is not None:
+            if queue_seconds is not None:
+                self.prefill.labels(worker).observe(max(0.0, ttft_seconds - queue_seconds))
+            self.decode.labels(worker).observe(max(0.0, total_seconds - ttft_seconds))
+
+    # RouterObserver
+    def worker_ready(self, worker: WorkerHandle, msg: WorkerReady) -> None:
+        self._preemptions_seen[worker.name] = msg.stats.num_preemptions
+        self.kv_total.labels(worker.name).set(msg.stats.kv_blocks_total)
+        self._gauges(worker.name, msg.stats)
+
+    def worker_step(self, worker: WorkerHandle, report: StepReport) -> None:
+        name = worker.name
+        self._gauges(name, report.stats)
+        seen = self._preemptions_seen.get(name, 0)
+        if report.stats.num_preemptions > seen:
+            self.preemptions.labels(name).inc(report.stats.num_preemptions - seen)
+        self._preemptions_seen[name] = report.stats.num_preemptions
+        if report.step is not None and report.step.num_tokens:
+            self.step_tokens.labels(name).observe(report.step.num_tokens)
+            if report.step.num_images_encoded:
+                per_image = report.step.vision_seconds / report.step.num_images_encoded
+                for _ in range(report.step.num_images_encoded):
+                    self.vision.labels(name).observe(per_image)
+
+    def worker_died(self, worker: WorkerHandle) -> None:
+        self.restarts.labels(worker.name).inc()
+        self._preemptions_seen[worker.name] = 0  # the new process counts from zero
+        self.running.labels(worker.name).set(0)
+        self.waiting.labels(worker.name).set(0)
+
+    def _gauges(self, name: str, stats) -> None:  # type: ignore[no-untyped-def]
+        self.running.labels(name).set(stats.num_running)
+        self.waiting.labels(name).set(stats.num_waiting)
+        self.kv_free.labels(name).set(stats.kv_blocks_free)
+        total = stats.kv_blocks_total
+        self.kv_usage.labels(name).set(1.0 - stats.kv_blocks_free / total if total else 0.0)

@@ -1,0 +1,176 @@
+"""Process wiring: model folder, workers, router, gRPC server, health, reflection, metrics, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
+
+from . import __version__
+from .api.servicer import SERVICE, ServingState, VisionChatServicer
+from .config import ServerConfig
+from .devices import cpu_threads_per_worker, resolve_devices
+from .metrics import Metrics
+from .model.loader import inspect_checkpoint
+from .processor.prompt import PromptBuilder
+from .router import Router
+from .worker.protocol import WorkerSettings
+
+log = logging.getLogger("visionchat.server")
+
+
+def resolve_model_dir(config: ServerConfig) -> Path:
+    if config.model:
+        return Path(config.model)
+    from .default_model import ensure_default_model
+
+    return ensure_default_model(config.model_cache_dir or None)
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_receive_message_bytes),
+        # Detect dead peers on long streams; allow clients' keepalive pings.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.max_connection_age > 0:
+        # Long-lived clients reconnect now and then, re-resolve DNS and spread over new replicas.
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000)),
+        ]
+    return options
+
+
+class VisionChatServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model_dir(config)
+        plan = inspect_checkpoint(self.model_dir)  # a broken folder fails here, before any worker starts
+        self.model_config = plan.config
+        self.builder = PromptBuilder(self.model_dir)
+        self.context_len = min(
+            config.max_context_tokens or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        devices = resolve_devices(config.devices)
+        threads = cpu_threads_per_worker(devices)
+        self.settings = [
+            WorkerSettings(
+                index=i,
+                device=device,
+                model_dir=str(self.model_dir),
+                dtype=config.dtype,
+                attention_backend=config.attention_backend,
+                kv_cache_memory=config.kv_cache_memory,
+                kv_cache_fraction=config.kv_cache_fraction,
+                block_size=config.block_size,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                max_vision_crops=config.max_vision_crops,
+                max_model_len=self.context_len,
+                num_threads=threads[i],
+                log_level=config.log_level,
+                log_format=config.log_format,
+            )
+            for i, device in enumerate(devices)
+        ]
+        self.metrics = Metrics()
+        self.state = ServingState()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+
+    async def run(self) -> int:
+        config = self.config
+        self.router = Router(self.settings, config.max_queued_requests, self.metrics)
+        self.metrics.workers_alive.set_function(lambda: sum(w.alive for w in self.router.workers))
+        self.metrics.frontend_waiting.set_function(self.router.num_waiting)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        servicer = VisionChatServicer(
+            config, self.model_config, self.builder, self.router, self.metrics, executor, self.state, self.context_len
+        )
+        server = grpc.aio.server(options=grpc_options(config))
+        pb_grpc.add_VisionChatServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise SystemExit(f"cannot bind {config.host}:{config.port}")
+        if config.metrics_port >= 0:
+            httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            self.metrics_port = httpd.server_port
+        await server.start()
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        # Tests and operators read this line to find ports chosen with 0.
+        print(f"VisionChat {__version__} listening on {config.host}:{self.port} metrics on {config.host}:{self.metrics_port}", flush=True)
+        self.router.start()
+        ready = loop.create_task(self._become_ready())
+        failed = loop.create_task(self.router.startup_failed.wait())
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if failed.done():
+            log.error("a worker failed to start; see its log above")
+            await server.stop(grace=0)
+            await self.router.stop()
+            return 1
+        failed.cancel()
+        await self._drain(server)
+        executor.shutdown(wait=False)
+        return 0
+
+    async def _become_ready(self) -> None:
+        await self.router.wait_ready()
+        self.metrics.info.info(
+            {
+                "version": __version__,
+                "model": self.model_config.model_id,
+                "devices": ",".join(s.device for s in self.settings),
+                "kv_block_size": str(self.config.block_size),
+                "kv_blocks_per_worker": ",".join(
+                    str(w.state.stats.kv_blocks_total if w.state.stats else 0) for w in self.router.workers
+                ),
+            }
+        )
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        print(f"VisionChat ready: {len(self.router.workers)} worker(s) serving {self.model_config.model_id}", flush=True)
+
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        """SIGTERM: NOT_SERVING at once, refuse new calls, let running streams finish, exit."""
+        log.info("draining: %d request(s) in flight, up to %.0fs", len(self.router.streams), self.config.drain_seconds)
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
+        while self.router.streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await server.stop(grace=1.0)
+        await self.router.stop()
+        log.info("stopped")
+
+
+def main_async(config: ServerConfig) -> int:
+    return asyncio.run(VisionChatServer(config).run())
+

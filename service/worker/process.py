@@ -1,0 +1,138 @@
+"""The worker process: one device, one model copy, one engine, driven over a pipe.
+
+The loop blocks on the pipe only while the engine is idle; while requests run it drains incoming
+messages between steps, so new requests join the running batch at the next step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+
+import torch
+from PIL import Image
+
+from ..engine import Engine, EngineConfig, EngineRequest, ImagePayload, RequestRefused, SamplingOptions
+from ..model import load_model, resolve_dtype, select_attention_backend
+from ..logs import configure_logging
+from ..processor.image import num_image_tokens
+from .protocol import (
+    AbortRequest,
+    AddRequest,
+    Rejected,
+    Shutdown,
+    StepMetrics,
+    StepReport,
+    WorkerReady,
+    WorkerSettings,
+)
+
+log = logging.getLogger("visionchat.worker")
+
+
+def _warmup_request(eos_token_id: int) -> EngineRequest:
+    """A tiny text+image request that exercises every kernel once before the worker reports ready."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(buf, format="PNG")
+    n = num_image_tokens(64, 48, 1)
+    prompt = (1, 32010, *([-1] * n), 1, 29871, 13, 32007, 29871, 13, 32001)
+    return EngineRequest(
+        request_id="__warmup__",
+        prompt_ids=prompt,
+        images=(ImagePayload(buf.getvalue(), 1, n),),
+        sampling=SamplingOptions(max_new_tokens=2, eos_token_ids=frozenset({eos_token_id})),
+        arrival_time=time.time(),
+    )
+
+
+def _kv_budget(settings: WorkerSettings, device: torch.device) -> int:
+    """Bytes for the KV pool: --kv-cache-memory, or on accelerators a fraction of the free memory."""
+    if settings.kv_cache_fraction <= 0 or device.type == "cpu":
+        return settings.kv_cache_memory
+    module = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
+    free, _total = module.mem_get_info(device)
+    # The engine's step activations are measured by the warm-up that follows; leave them headroom
+    # by taking a fraction of what is free after the weights are resident.
+    return int(free * settings.kv_cache_fraction)
+
+
+def worker_main(conn: Connection, settings: WorkerSettings) -> None:
+    configure_logging(settings.log_format, settings.log_level)
+    torch.set_num_threads(settings.num_threads)
+    if settings.device.startswith("npu"):
+        import torch_npu  # noqa: F401  (optional extra, imported only where it runs; registers the device)
+
+    device = torch.device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    model, report = load_model(settings.model_dir, dtype, device, progress=False)
+    backend = select_attention_backend(settings.attention_backend, device)
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_model_len=settings.max_model_len,
+            kv_cache_memory_bytes=_kv_budget(settings, device),
+            block_size=settings.block_size,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_num_seqs=settings.max_num_seqs,
+            max_vision_crops=settings.max_vision_crops,
+        ),
+        backend,
+    )
+    engine.run_to_completion([_warmup_request(model.config.eos_token_id)])
+    conn.send(
+        WorkerReady(
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            attention_backend=backend.name,
+            stats=engine.stats(),
+            load_seconds=report.seconds,
+            pid=os.getpid(),
+        )
+    )
+    log.info("ready on %s (%s, %d KV blocks)", device, dtype, engine.stats().kv_blocks_total)
+
+    with torch.inference_mode():
+        while True:
+            aborted: list[str] = []
+            cancelled = []
+            block = not engine.has_work()
+            while conn.poll(None if block else 0):
+                block = False
+                msg = conn.recv()
+                if isinstance(msg, AddRequest):
+                    try:
+                        engine.add_request(msg.request)
+                    except RequestRefused as exc:
+                        conn.send(Rejected(msg.request.request_id, exc.limit, str(exc)))
+                elif isinstance(msg, AbortRequest):
+                    out = engine.abort(msg.request_id)
+                    if out is not None:
+                        aborted.append(msg.request_id)
+                        cancelled.append(out)
+                elif isinstance(msg, Shutdown):
+                    return
+            if not engine.has_work():
+                if aborted:
+                    conn.send(StepReport(outputs=cancelled, stats=engine.stats(), aborted=aborted))
+                continue
+            start = time.perf_counter()
+            outputs = engine.step()
+            step = engine.last_step
+            conn.send(
+                StepReport(
+                    outputs=cancelled + outputs,
+                    stats=engine.stats(),
+                    step=StepMetrics(
+                        seconds=time.perf_counter() - start,
+                        num_tokens=step.num_tokens,
+                        num_prefill_tokens=step.num_tokens - step.num_decode_tokens,
+                        num_decode_tokens=step.num_decode_tokens,
+                        vision_seconds=step.vision_seconds,
+                        num_images_encoded=step.num_images_encoded,
+                    ),
+                    aborted=aborted,
+                )
+            )
