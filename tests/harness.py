@@ -1,0 +1,187 @@
+"""Start real VisionChat server processes on 127.0.0.1 for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from visionchat.v1 import visionchat_pb2 as pb
+from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY_MODEL = FIXTURES / "tiny-phi35v"
+GOLDEN = FIXTURES / "golden"
+IMAGES = GOLDEN / "images"
+LISTEN = re.compile(r"listening on 127\.0\.0\.1:(\d+) metrics on 127\.0\.0\.1:(-?\d+)")
+
+
+def image_bytes(name: str) -> bytes:
+    return (IMAGES / f"{name}.png").read_bytes()
+
+
+@dataclass
+class ServerProcess:
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    port: int = 0
+    metrics_port: int = 0
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        # The server's output is drained by a reader thread so a chatty log never blocks it.
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        deadline = time.time() + timeout
+        while not self.port:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
+            time.sleep(0.05)
+        self.wait_serving(deadline - time.time())
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = LISTEN.search(line)
+            if m:
+                self.metrics_port = int(m.group(2))
+                self.port = int(m.group(1))
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = 180.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + "\n".join(self.lines))
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server never became SERVING:\n" + "\n".join(self.lines))
+
+    def stub(self, channel: grpc.Channel) -> pb_grpc.VisionChatStub:
+        return pb_grpc.VisionChatStub(channel)
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        with grpc.insecure_channel(self.address) as ch:
+            return pb_grpc.VisionChatStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+    def wait_idle(self, timeout: float = 30.0) -> pb.GetModelInfoResponse:
+        """Wait until every live worker has all KV blocks free and nothing running or waiting."""
+        deadline = time.time() + timeout
+        info = self.model_info()
+        while time.time() < deadline:
+            info = self.model_info()
+            if all(
+                w.alive and w.kv_blocks_free == w.kv_blocks_total and w.running_requests == 0 and w.waiting_requests == 0
+                for w in info.workers
+            ):
+                return info
+            time.sleep(0.1)
+        raise AssertionError(f"workers not idle after {timeout}s: {info.workers}")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        found = False
+        for line in self.metrics_text().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric_name = head.split("{", 1)[0]
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+                found = True
+        return total if found else 0.0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes (children of the server)."""
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        pids = []
+        for pid in out.split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+                pids.append(int(pid))
+        return pids
+
+
+def user(text: str, *images: int) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, text=text, image_indices=list(images))
+
+
+def generate_request(
+    text: str,
+    images: list[bytes] | tuple[bytes, ...] = (),
+    num_crops: int | None = None,
+    **sampling: object,
+) -> pb.GenerateRequest:
+    opts = pb.ImageOptions(num_crops=num_crops) if num_crops else pb.ImageOptions()
+    return pb.GenerateRequest(
+        messages=[user(text, *range(len(images)))],
+        images=list(images),
+        image_options=opts,
+        sampling=pb.SamplingParams(**sampling),  # type: ignore[arg-type]
+    )
+
+
+def collect(responses) -> tuple[list[int], str, pb.ChatFinished]:  # type: ignore[no-untyped-def]
+    ids: list[int] = []
+    text = ""
+    finished = None
+    for r in responses:
+        if r.HasField("delta"):
+            ids += [t.token_id for t in r.delta.tokens]
+            text += r.delta.text
+        else:
+            finished = r.finished
+    assert finished is not None, "stream ended without a finished message"
+    return ids, text, finished
