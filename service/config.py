@@ -68,6 +68,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("default-max-new-tokens", int, 512, "max_new_tokens when the request leaves it unset"),
     Option("max-receive-message-bytes", parse_bytes, 64 * MIB, "Largest gRPC message the server accepts"),
     Option("max-connection-age", float, 300.0, "Seconds before the server asks a client to reconnect (re-resolves DNS; 0 = never)"),
+    Option("max-connection-age-grace", float, 600.0, "Seconds a stream may keep running on a connection past its max age"),
     Option("drain-seconds", float, 25.0, "On SIGTERM: seconds running streams get to finish"),
     Option("log-format", str, "text", "text | json"),
     Option("log-level", str, "INFO", "Python logging level"),
@@ -100,6 +101,7 @@ class ServerConfig:
     default_max_new_tokens: int
     max_receive_message_bytes: int
     max_connection_age: float
+    max_connection_age_grace: float
     drain_seconds: float
     log_format: str
     log_level: str

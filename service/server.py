@@ -49,7 +49,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Long-lived clients reconnect now and then, re-resolve DNS and spread over new replicas.
         options += [
             ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
         ]
     return options
 
