@@ -9,18 +9,28 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup stubs serve demo test bench lint clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY_VERSION) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU torch build; a plain `pip install torch` would fetch several GB of CUDA wheels.
-	if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install -q "$(TORCH_WHEEL)"; \
-	else $(PIP) install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.13.0"; fi
+	if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install -q "$(TORCH_WHEEL)"; else $(PIP) install -q "torch>=2.13.0"; fi
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-setup: $(VENV)/.installed $(GEN)/python/.stamp
+setup: system-deps $(VENV)/.installed $(GEN)/python/.stamp node-deps
+
+# Debian packages (prometheus, protoc + gRPC plugins, node); skipped when already installed.
+system-deps:
+	bash tools/install-system-deps.sh
+
+# npm packages of the Node client and the TypeScript/buf tooling, from client/node/package-lock.json.
+node-deps: client/node/node_modules/.installed
+
+client/node/node_modules/.installed: client/node/package.json client/node/package-lock.json
+	cd client/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Python stubs go to gen/python, which a .pth file puts on the venv's import path.
 $(GEN)/python/.stamp: $(PROTOS) $(VENV)/.installed
@@ -32,12 +42,17 @@ $(GEN)/python/.stamp: $(PROTOS) $(VENV)/.installed
 	echo "$(abspath $(GEN)/python)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/visionchat_gen.pth"
 	touch $@
 
+# Every language's stubs from proto/ only: Python (the project's own), Go, Java, C++, TypeScript.
 stubs: setup
+	bash tools/gen-stubs.sh
+
+lint: setup
+	client/node/node_modules/.bin/buf lint proto
 
 serve: setup
 	$(PY) -m service $(ARGS)
 
-test: setup
+test: stubs
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
