@@ -50,6 +50,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", int, 50051, "gRPC port (0 = pick a free one)"),
     Option("metrics-port", int, 9090, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)"),
     Option("devices", str, "auto", "auto | cpu | cpu,cpu | cuda:0,cuda:1 | npu:0,... : one worker process per entry"),
+    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = the host's cores split between CPU workers"),
     Option("dtype", str, "auto", "Compute dtype: auto (fp32 on CPU, bf16 on accelerators), float32, bfloat16, float16"),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
     Option("kv-cache-memory", parse_bytes, 256 * MIB, "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
@@ -83,6 +84,7 @@ class ServerConfig:
     port: int
     metrics_port: int
     devices: str
+    cpu_threads: int
     dtype: str
     attention_backend: str
     kv_cache_memory: int

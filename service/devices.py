@@ -45,6 +45,8 @@ def cpu_threads_per_worker(devices: list[str]) -> dict[int, int]:
     """Split the host's cores between CPU workers so they do not oversubscribe each other."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cpu_workers = [i for i, d in enumerate(devices) if d == "cpu"]
-    share = max(1, cores // max(1, len(cpu_workers)))
+    # One core stays with the frontend: gRPC streaming, tokenization and detokenization run there,
+    # and a worker whose threads fight it for that core slows every stream.
+    share = max(1, (cores - 1) // max(1, len(cpu_workers)))
     # Accelerator workers only feed their device: a couple of threads is plenty.
     return {i: (share if d == "cpu" else min(4, cores)) for i, d in enumerate(devices)}

@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.watermark_blocks = max(1, pool.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,9 +70,9 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Sequence, num_tokens: int, reserve: int = 0) -> bool:
         need = blocks_needed(seq.num_computed_tokens + num_tokens, self.limits.block_size) - len(seq.block_ids)
-        if need > self.pool.num_free:
+        if need + reserve > self.pool.num_free:
             return False
         if need > 0:
             seq.block_ids.extend(self.pool.allocate(need))
@@ -113,7 +114,10 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_remaining, budget)
-            if not self._grow(seq, n):
+            # Keep a few blocks for the running sequences to grow into, or a newcomer would be
+            # admitted only to be preempted (and its images re-encoded) a step later.
+            reserve = self.watermark_blocks if self.running else 0
+            if not self._grow(seq, n, reserve):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
