@@ -1,0 +1,96 @@
+"""Server lifecycle against real processes: SIGTERM draining, the embedded default model, and the
+Kubernetes manifests' flags and probes served for real."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from visionchat.v1 import visionchat_pb2 as pb
+from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
+
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
+from test_deploy_manifests import _container, server_env
+
+
+def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> None:
+    proc = ServerProcess(["--model", str(TINY_MODEL), "--kv-cache-memory", "32MiB", "--drain-seconds", "60"]).start()
+    result: dict[str, object] = {}
+    started = threading.Event()
+
+    def long_stream() -> None:
+        with grpc.insecure_channel(proc.address) as ch:
+            ids: list[int] = []
+            fin = None
+            for r in pb_grpc.VisionChatStub(ch).Generate(generate_request("Write a haiku about the sea.", max_new_tokens=400, ignore_eos=True), timeout=120):
+                if r.HasField("delta"):
+                    ids += [t.token_id for t in r.delta.tokens]
+                    started.set()
+                else:
+                    fin = r.finished
+            result["ids"], result["finished"] = ids, fin
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert started.wait(60)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+
+    deadline = time.time() + 5
+    while proc.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.time() < deadline, "health did not go NOT_SERVING after SIGTERM"
+        time.sleep(0.02)
+    with grpc.insecure_channel(proc.address) as ch, pytest.raises(grpc.RpcError) as info:
+        collect(pb_grpc.VisionChatStub(ch).Generate(generate_request("hello", max_new_tokens=2), timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    t.join(120)
+    assert len(result["ids"]) == 400  # type: ignore[arg-type]
+    assert result["finished"].finish_reason == pb.FINISH_REASON_LENGTH  # type: ignore[union-attr]
+    assert proc.proc.wait(60) == 0
+
+
+def test_embedded_default_model_serves_a_real_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # No --model: the server generates its small checkpoint into the cache and serves it.
+    proc = ServerProcess(["--kv-cache-memory", "32MiB", "--model-cache-dir", str(tmp_path)]).start()
+    try:
+        info = proc.model_info()
+        assert info.model_id == "visionchat-embedded-tiny-random"
+        with grpc.insecure_channel(proc.address) as ch:
+            req = generate_request("Describe this image.", [image_bytes("A_640x480")], max_new_tokens=8, ignore_eos=True)
+            ids, text, fin = collect(pb_grpc.VisionChatStub(ch).Generate(req, timeout=60))
+        assert len(ids) == 8 and text and fin.usage.image_tokens == 1921
+        assert any(p.name.startswith("default-model-") for p in tmp_path.iterdir())
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("overlay", ["cpu"])
+def test_manifest_flags_start_the_server_and_its_probes_pass(overlay: str) -> None:
+    """Start the server with the overlay's ConfigMap/env and probe it as the kubelet would."""
+    env = server_env(overlay)
+    # Only what cannot hold on this machine is overridden: loopback, free ports, the fixture model,
+    # a small KV pool (the CPU overlay sizes it for a real node).
+    proc = ServerProcess(["--model", str(TINY_MODEL), "--kv-cache-memory", "32MiB"], env=env).start()
+    try:
+        container = _container(overlay)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == int(env["VISIONCHAT_PORT"]) and ports["metrics"] == int(env["VISIONCHAT_METRICS_PORT"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = container[probe]["grpc"]
+            assert spec["port"] in (ports["grpc"], "grpc")
+            assert proc.health(spec.get("service", "")) == health_pb2.HealthCheckResponse.SERVING, probe
+        # JSON logs as the ConfigMap asks, one line per finished request.
+        with grpc.insecure_channel(proc.address) as ch:
+            collect(pb_grpc.VisionChatStub(ch).Generate(generate_request("hi", max_new_tokens=2), timeout=60))
+        deadline = time.time() + 10
+        while not any('"event":"request_finished"' in line for line in proc.lines):
+            assert time.time() < deadline, list(proc.lines)[-5:]
+            time.sleep(0.05)
+        assert "visionchat_workers_alive 1.0" in proc.metrics_text()
+    finally:
+        assert proc.stop() == 0
