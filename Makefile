@@ -52,6 +52,14 @@ lint: setup
 serve: setup
 	$(PY) -m service $(ARGS)
 
+# Start the server on the embedded default model, stream one real request, stop it.
+demo: setup
+	bash tools/demo.sh $(ARGS)
+
+# Serving benchmark: concurrent streams side by side with one-at-a-time (see README, Performance).
+bench: setup
+	$(PY) bench/serving.py $(BENCH_ARGS)
+
 test: stubs
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 

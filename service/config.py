@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 ENV_PREFIX = "VISIONCHAT_"
-MIB = 1 << 20
 
 
 def parse_bytes(text: str) -> int:
@@ -50,10 +49,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", int, 50051, "gRPC port (0 = pick a free one)"),
     Option("metrics-port", int, 9090, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)"),
     Option("devices", str, "auto", "auto | cpu | cpu,cpu | cuda:0,cuda:1 | npu:0,... : one worker process per entry"),
-    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = the host's cores split between CPU workers"),
+    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = the host's cores less one (kept for the frontend), split between CPU workers"),
     Option("dtype", str, "auto", "Compute dtype: auto (fp32 on CPU, bf16 on accelerators), float32, bfloat16, float16"),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
-    Option("kv-cache-memory", parse_bytes, 256 * MIB, "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
+    Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
     Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of free device memory for the KV pool after a profiling step (overrides --kv-cache-memory when > 0)"),
     Option("block-size", int, 16, "Tokens per KV-cache block"),
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
@@ -61,13 +60,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-vision-crops", int, 16, "336-px crops per vision-tower forward (micro-batch)"),
     Option("max-queued-requests", int, 256, "Requests waiting for a worker before new ones get RESOURCE_EXHAUSTED"),
     Option("max-images", int, 32, "Images per request"),
-    Option("max-image-bytes", parse_bytes, 20 * MIB, "Encoded bytes per image"),
-    Option("max-total-image-bytes", parse_bytes, 100 * MIB, "Encoded image bytes per request"),
+    Option("max-image-bytes", parse_bytes, "20MiB", "Encoded bytes per image"),
+    Option("max-total-image-bytes", parse_bytes, "100MiB", "Encoded image bytes per request"),
     Option("max-image-pixels", int, 40_000_000, "Pixels per decoded image (decompression-bomb guard)"),
     Option("max-context-tokens", int, 0, "Prompt + generated tokens per request; 0 = the model's context length"),
     Option("max-new-tokens", int, 4096, "Upper bound on max_new_tokens"),
     Option("default-max-new-tokens", int, 512, "max_new_tokens when the request leaves it unset"),
-    Option("max-receive-message-bytes", parse_bytes, 64 * MIB, "Largest gRPC message the server accepts"),
+    Option("max-receive-message-bytes", parse_bytes, "64MiB", "Largest gRPC message the server accepts"),
     Option("max-connection-age", float, 300.0, "Seconds before the server asks a client to reconnect (re-resolves DNS; 0 = never)"),
     Option("max-connection-age-grace", float, 600.0, "Seconds a stream may keep running on a connection past its max age"),
     Option("drain-seconds", float, 25.0, "On SIGTERM: seconds running streams get to finish"),
@@ -152,5 +151,6 @@ def config_table() -> str:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for opt in OPTIONS:
         default = opt.default if opt.default != "" else "(empty)"
-        rows.append(f"| `--{opt.name}` | `{opt.env}` | `{default}` | {opt.help} |")
+        meaning = opt.help.replace("|", "\\|")
+        rows.append(f"| `--{opt.name}` | `{opt.env}` | `{default}` | {meaning} |")
     return "\n".join(rows)

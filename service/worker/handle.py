@@ -89,7 +89,8 @@ class WorkerHandle:
         self.state.ready = False
         if self.process is not None:
             self.process.join(timeout=5)
-        log.warning("%s (pid %s) exited with code %s", self.name, self.pid, self.process.exitcode if self.process else None)
+        code = self.process.exitcode if self.process else None
+        (log.info if self._stopping else log.warning)("%s (pid %s) exited with code %s", self.name, self.pid, code)
         if not self._stopping:
             self._on_exit(self)
 
