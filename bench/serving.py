@@ -32,6 +32,7 @@ from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from harness import TINY_MODEL, ServerProcess  # noqa: E402  (the tests' real-server launcher)
+from service.devices import cpu_threads_per_worker  # noqa: E402
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -234,7 +235,9 @@ def main() -> int:
         heavy_args = argparse.Namespace(**{**vars(args), "streams": args.heavy_streams, "kv_cache_memory": "1GiB"})
         report = run_model(f"compute-heavy: Phi-3.5 widths, {args.heavy_layers} layers, small CLIP", model_dir, heavy_args, [])
         batch = args.heavy_streams[-1]
-        raw = raw_forward_rate(model_dir, batch, context=24, steps=16, threads=len(psutil.Process().cpu_affinity() or [1]))
+        # Same torch thread count as the server's CPU worker, so the two rates are comparable.
+        threads = cpu_threads_per_worker(["cpu"])[0]
+        raw = raw_forward_rate(model_dir, batch, context=24, steps=16, threads=threads)
         served = report["phases"][-1]["tokens_per_second"]  # type: ignore[index]
         report["raw_forward_tokens_per_second"] = round(raw, 1)
         report["engine_vs_raw"] = round(served / raw, 3)

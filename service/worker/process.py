@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from ..engine import Engine, EngineConfig, EngineRequest, ImagePayload, RequestRefused, SamplingOptions
-from ..model import load_model, resolve_dtype, select_attention_backend
+from ..engine.kv_cache import KVCacheSpec, blocks_needed
+from ..model import Phi3VForCausalLM, load_model, resolve_dtype, select_attention_backend
+from ..model.attention import AttentionBackend
 from ..logs import configure_logging
 from ..processor.image import num_image_tokens
 from .protocol import (
@@ -33,30 +35,60 @@ from .protocol import (
 log = logging.getLogger("visionchat.worker")
 
 
-def _warmup_request(eos_token_id: int) -> EngineRequest:
-    """A tiny text+image request that exercises every kernel once before the worker reports ready."""
+def _warmup_request(eos_token_id: int, side: int = 64, num_crops: int = 1, text_tokens: int = 8) -> EngineRequest:
+    """A text+image request that runs every kernel (decoder, vision tower, sampler) once."""
     buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 30, 200)).save(buf, format="PNG")
-    n = num_image_tokens(64, 48, 1)
-    prompt = (1, 32010, *([-1] * n), 1, 29871, 13, 32007, 29871, 13, 32001)
+    Image.new("RGB", (side, side * 3 // 4), (120, 30, 200)).save(buf, format="PNG")
+    n = num_image_tokens(side, side * 3 // 4, num_crops)
+    # <s><|user|>\n, the image, then filler text tokens and <|end|>\n<|assistant|>.
+    prompt = (1, 32010, *([-1] * n), 1, *([29871] * text_tokens), 13, 32007, 29871, 13, 32001)
     return EngineRequest(
         request_id="__warmup__",
         prompt_ids=prompt,
-        images=(ImagePayload(buf.getvalue(), 1, n),),
+        images=(ImagePayload(buf.getvalue(), num_crops, n),),
         sampling=SamplingOptions(max_new_tokens=2, eos_token_ids=frozenset({eos_token_id})),
         arrival_time=time.time(),
     )
 
 
-def _kv_budget(settings: WorkerSettings, device: torch.device) -> int:
-    """Bytes for the KV pool: --kv-cache-memory, or on accelerators a fraction of the free memory."""
+def _kv_budget(settings: WorkerSettings, model: Phi3VForCausalLM, backend: AttentionBackend) -> int:
+    """Bytes for the KV pool: --kv-cache-memory, or on accelerators --kv-cache-fraction of the device.
+
+    With a fraction, a throwaway engine first runs one request at the largest step size (a full
+    token budget and an image of 17 crops through the vision micro-batches); the pool then gets the
+    fraction of total device memory less this process's peak during that profile (weights,
+    activations, workspace), as vLLM's gpu_memory_utilization does."""
+    device = model.device
     if settings.kv_cache_fraction <= 0 or device.type == "cpu":
         return settings.kv_cache_memory
-    module = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
-    free, _total = module.mem_get_info(device)
-    # The engine's step activations are measured by the warm-up that follows; leave them headroom
-    # by taking a fraction of what is free after the weights are resident.
-    return int(free * settings.kv_cache_fraction)
+    mem = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
+    probe = _warmup_request(model.config.eos_token_id, side=4 * 336, num_crops=16, text_tokens=settings.max_num_batched_tokens)
+    spec = KVCacheSpec.for_model(model.config, settings.block_size, model.dtype)
+    probe_blocks = blocks_needed(len(probe.prompt_ids) + 2, settings.block_size)
+    mem.empty_cache()
+    mem.reset_peak_memory_stats(device)
+    Engine(model, _engine_config(settings, spec.bytes_per_block * probe_blocks), backend).run_to_completion([probe])
+    peak = mem.max_memory_allocated(device)
+    mem.empty_cache()
+    _free, total = mem.mem_get_info(device)
+    budget = int(total * settings.kv_cache_fraction) - peak
+    if budget < spec.bytes_per_block:
+        raise RuntimeError(
+            f"--kv-cache-fraction {settings.kv_cache_fraction}: {total * settings.kv_cache_fraction / 2**30:.1f} GiB "
+            f"of {device} leaves nothing for the KV cache after a peak of {peak / 2**30:.1f} GiB"
+        )
+    return budget
+
+
+def _engine_config(settings: WorkerSettings, kv_bytes: int) -> EngineConfig:
+    return EngineConfig(
+        max_model_len=settings.max_model_len,
+        kv_cache_memory_bytes=kv_bytes,
+        block_size=settings.block_size,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_vision_crops=settings.max_vision_crops,
+    )
 
 
 def worker_main(conn: Connection, settings: WorkerSettings) -> None:
@@ -67,20 +99,10 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
 
     device = torch.device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model, report = load_model(settings.model_dir, dtype, device, progress=False)
+    # The shard progress bar is for people watching a terminal, not for JSON log pipelines.
+    model, report = load_model(settings.model_dir, dtype, device, progress=settings.log_format == "text")
     backend = select_attention_backend(settings.attention_backend, device)
-    engine = Engine(
-        model,
-        EngineConfig(
-            max_model_len=settings.max_model_len,
-            kv_cache_memory_bytes=_kv_budget(settings, device),
-            block_size=settings.block_size,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_num_seqs=settings.max_num_seqs,
-            max_vision_crops=settings.max_vision_crops,
-        ),
-        backend,
-    )
+    engine = Engine(model, _engine_config(settings, _kv_budget(settings, model, backend)), backend)
     engine.run_to_completion([_warmup_request(model.config.eos_token_id)])
     conn.send(
         WorkerReady(
