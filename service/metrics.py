@@ -15,6 +15,8 @@ from .worker.handle import WorkerHandle
 from .worker.protocol import StepReport, WorkerReady
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# Whole requests can run for minutes (thousands of tokens, 20-frame prompts).
+REQUEST_BUCKETS = LATENCY_BUCKETS + (160.0, 320.0, 640.0, 1280.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -27,10 +29,10 @@ class Metrics:
         p = "visionchat_"
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to the first generated token", w, buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive generated tokens of a request", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to the last token", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to the last token", w, buckets=REQUEST_BUCKETS, registry=r)
         self.queue = Histogram(p + "request_queue_time_seconds", "Time from arrival until first scheduled on a worker", w, buckets=LATENCY_BUCKETS, registry=r)
         self.prefill = Histogram(p + "request_prefill_time_seconds", "Time from first scheduled to the first token", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.decode = Histogram(p + "request_decode_time_seconds", "Time from the first token to the last", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram(p + "request_decode_time_seconds", "Time from the first token to the last", w, buckets=REQUEST_BUCKETS, registry=r)
         self.vision = Histogram(p + "vision_encoder_time_per_image_seconds", "Vision tower time per image (step vision time / images in the step)", w, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens_hist = Histogram(p + "request_prompt_tokens", "Prompt tokens per request (image tokens included)", w, buckets=TOKEN_BUCKETS, registry=r)
         self.image_tokens_hist = Histogram(p + "request_image_tokens", "Image tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
@@ -56,6 +58,12 @@ class Metrics:
         self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, by method and code", ["grpc_service", "grpc_method", "grpc_type", "grpc_code"], registry=r)
         self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time on the server", ["grpc_service", "grpc_method", "grpc_type"], buckets=LATENCY_BUCKETS, registry=r)
         self.info = Info(p + "build", "Model, version, devices and KV-cache geometry", registry=r)
+        # Families labelled by worker only: their series are created at zero when the worker is first ready.
+        self._per_worker = (
+            self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.vision,
+            self.prompt_tokens_hist, self.image_tokens_hist, self.generation_tokens_hist, self.step_tokens,
+            self.prompt_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
+        )
         self._preemptions_seen: dict[str, int] = {}
 
     def request_finished(
@@ -86,6 +94,11 @@ class Metrics:
 
     # RouterObserver
     def worker_ready(self, worker: WorkerHandle, msg: WorkerReady) -> None:
+        # A labelled series only appears when first used, and rate()/increase() see nothing of the step that
+        # creates it: a worker's first restart would read as increase() == 0 and never alert. Export every
+        # per-worker counter and histogram at 0 from the start (a no-op after a restart).
+        for family in self._per_worker:
+            family.labels(worker.name)
         self._preemptions_seen[worker.name] = msg.stats.num_preemptions
         self.kv_total.labels(worker.name).set(msg.stats.kv_blocks_total)
         self._gauges(worker.name, msg.stats)

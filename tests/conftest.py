@@ -25,3 +25,11 @@ def server() -> Iterator[ServerProcess]:
     proc = ServerProcess(API_SERVER_ARGS).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _pool_back_to_all_free(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that used the shared server leaves its KV pool with all blocks free."""
+    yield
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").wait_idle()
