@@ -44,10 +44,12 @@ class Metrics:
         self.frontend_waiting = Gauge(p + "num_requests_waiting_frontend", "Requests accepted by the frontend that have not produced a token yet", registry=r)
         self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", w, registry=r)
         self.kv_free = Gauge(p + "kv_cache_free_blocks", "Free KV-cache blocks", w, registry=r)
+        self.kv_cached = Gauge(p + "prefix_cache_blocks", "KV-cache blocks whose content is kept for prefix reuse (held or free)", w, registry=r)
         self.kv_total = Gauge(p + "kv_cache_total_blocks", "KV-cache blocks in the pool", w, registry=r)
         self.workers_alive = Gauge(p + "workers_alive", "Worker processes that are up and ready", registry=r)
 
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", w, registry=r)
+        self.cached_tokens = Counter(p + "prefix_cache_hit_tokens", "Prompt tokens of finished requests whose KV came from the prefix cache", w, registry=r)
         self.image_tokens = Counter(p + "image_tokens", "Image tokens of finished requests", w, registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", w, registry=r)
         self.finished = Counter(p + "request_success", "Requests finished, by finish reason", ["worker", "finished_reason"], registry=r)
@@ -62,7 +64,7 @@ class Metrics:
         self._per_worker = (
             self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.vision,
             self.prompt_tokens_hist, self.image_tokens_hist, self.generation_tokens_hist, self.step_tokens,
-            self.prompt_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
+            self.prompt_tokens, self.cached_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
         )
         self._preemptions_seen: dict[str, int] = {}
 
@@ -72,6 +74,7 @@ class Metrics:
         reason: str,
         *,
         prompt_tokens: int,
+        cached_tokens: int,
         image_tokens: int,
         generation_tokens: int,
         queue_seconds: float | None,
@@ -80,6 +83,7 @@ class Metrics:
     ) -> None:
         self.finished.labels(worker, reason).inc()
         self.prompt_tokens.labels(worker).inc(prompt_tokens)
+        self.cached_tokens.labels(worker).inc(cached_tokens)
         self.image_tokens.labels(worker).inc(image_tokens)
         self.prompt_tokens_hist.labels(worker).observe(prompt_tokens)
         self.image_tokens_hist.labels(worker).observe(image_tokens)
@@ -127,5 +131,6 @@ class Metrics:
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.kv_free.labels(name).set(stats.kv_blocks_free)
+        self.kv_cached.labels(name).set(stats.num_cached_blocks)
         total = stats.kv_blocks_total
         self.kv_usage.labels(name).set(1.0 - stats.kv_blocks_free / total if total else 0.0)

@@ -360,3 +360,14 @@ def test_grpcurl_lists_describes_and_calls_via_reflection(server: ServerProcess)
             pos += 1
         ids += [t.get("token_id", t.get("tokenId")) for t in obj.get("delta", {}).get("tokens", [])]
     assert ids == GOLDEN_TEXT
+
+
+def test_repeated_prefix_reports_cached_tokens(stub: pb_grpc.VisionChatStub) -> None:
+    image = [image_bytes("B_1024x300")]
+    first = generate_request("<|image_1|>\nWhat is shown here?", image, num_crops=4, max_new_tokens=4, ignore_eos=True)
+    collect(stub.Generate(first, timeout=60))
+    second = generate_request("<|image_1|>\nWhat is shown here? Answer briefly.", image, num_crops=4, max_new_tokens=4, ignore_eos=True)
+    _, _, fin2 = collect(stub.Generate(second, timeout=60))
+    # The image (601 tokens) and the text before the question come from the prefix cache.
+    assert fin2.usage.cached_tokens >= 601 and fin2.usage.cached_tokens % 16 == 0
+    assert fin2.usage.cached_tokens < fin2.usage.prompt_tokens

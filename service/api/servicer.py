@@ -67,6 +67,7 @@ class _Outcome:
     completion_tokens: int = 0
     queue_seconds: float | None = None
     ttft_seconds: float | None = None
+    cached_tokens: int = 0
 
 
 class VisionChatServicer(pb_grpc.VisionChatServicer):
@@ -261,6 +262,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
                 now = time.time()
                 if out.queue_seconds is not None:
                     outcome.queue_seconds = out.queue_seconds
+                    outcome.cached_tokens = out.num_cached_tokens
                 if out.tokens:
                     if outcome.ttft_seconds is None:
                         outcome.ttft_seconds = now - arrival
@@ -303,7 +305,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
                     prompt_tokens=len(prepared.prompt_ids),
                     image_tokens=prepared.image_tokens,
                     completion_tokens=outcome.completion_tokens,
-                    cached_tokens=0,
+                    cached_tokens=outcome.cached_tokens,
                 ),
                 timings=pb.Timings(
                     queue_seconds=outcome.queue_seconds or 0.0,
@@ -322,6 +324,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
             outcome.worker,
             outcome.reason.value,
             prompt_tokens=len(prepared.prompt_ids),
+            cached_tokens=outcome.cached_tokens,
             image_tokens=prepared.image_tokens,
             generation_tokens=outcome.completion_tokens,
             queue_seconds=outcome.queue_seconds,
@@ -336,6 +339,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
             "prompt_tokens": len(prepared.prompt_ids),
             "image_tokens": prepared.image_tokens,
             "completion_tokens": outcome.completion_tokens,
+            "cached_tokens": outcome.cached_tokens,
             "queue_s": round(outcome.queue_seconds or 0.0, 6),
             "ttft_s": round(outcome.ttft_seconds or 0.0, 6),
             "total_s": round(total, 6),

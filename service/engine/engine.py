@@ -9,7 +9,8 @@ import torch
 
 from ..model import Phi3VForCausalLM
 from ..model.attention import AttentionBackend
-from .kv_cache import BlockPool, KVCache, KVCacheSpec, blocks_needed
+from .block_pool import BlockPool
+from .kv_cache import KVCache, KVCacheSpec, blocks_needed
 from .errors import RequestFailed, RequestRefused
 from .model_runner import ModelRunner, StepStats
 from .request import EngineRequest, FinishReason, RequestOutput, TokenOutput
@@ -54,6 +55,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_preemptions: int
+    num_cached_blocks: int = 0
 
 
 class Engine:
@@ -84,6 +86,7 @@ class Engine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
+            num_cached_blocks=self.pool.num_cached,
         )
 
     def has_work(self) -> bool:
@@ -129,6 +132,7 @@ class Engine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             chunk.seq.release_consumed_images()
+            self.scheduler.cache_full_blocks(chunk.seq)
 
         rows = [SamplingRow(c.seq.request.sampling, c.seq.token_ids, c.seq.generator) for c in sampling_chunks]
         tokens = sample(logits, rows) if rows else []
@@ -139,6 +143,7 @@ class Engine:
         out = RequestOutput(seq.request_id, tokens=[token], num_prompt_tokens=seq.num_prompt_tokens)
         if not seq.queue_reported and seq.first_scheduled_time is not None:
             out.queue_seconds = max(0.0, seq.first_scheduled_time - seq.request.arrival_time)
+            out.num_cached_tokens = seq.num_cached_tokens
             seq.queue_reported = True
         reason = self._stop_reason(seq, token.token_id)
         if reason is not None:

@@ -1,12 +1,11 @@
 """The paged KV cache: one preallocated pool of fixed-size blocks per worker.
 
-`BlockPool` hands out block ids and takes them back; `KVCache` owns the tensors. Sizing happens
+`KVCache` owns the tensors (`block_pool.BlockPool` hands out their block ids). Sizing happens
 once at start-up from a byte budget, so a busy worker never allocates device memory per request.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -16,28 +15,6 @@ from ..model.config import ModelConfig
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
-
-
-class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV pool: {n} blocks asked, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 @dataclass(frozen=True)

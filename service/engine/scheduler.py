@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .kv_cache import BlockPool, blocks_needed
+from .block_pool import BlockPool
+from .kv_cache import blocks_needed
 from .sequence import Sequence, SequenceStatus
 
 
@@ -78,6 +79,28 @@ class Scheduler:
             seq.block_ids.extend(self.pool.allocate(need))
         return True
 
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence from the longest run of its full blocks that the prefix cache holds."""
+        bs = self.limits.block_size
+        long_rope = seq.wants_long_rope
+        blocks = self.pool.cached_prefix(seq.full_block_hashes(seq.num_tokens, bs, long_rope))
+        if len(blocks) * bs >= seq.num_tokens:
+            blocks = blocks[:-1]  # the last token must run through the model for its logits
+        if not blocks:
+            return
+        self.pool.take(blocks)
+        seq.block_ids = blocks
+        seq.num_computed_tokens = seq.num_registered_blocks = len(blocks)
+        seq.num_computed_tokens *= bs
+        seq.kv_long_rope = long_rope
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly filled blocks to the prefix cache."""
+        hashes = seq.full_block_hashes(seq.num_computed_tokens, self.limits.block_size, seq.kv_long_rope)
+        for i in range(seq.num_registered_blocks, len(hashes)):
+            self.pool.register(seq.block_ids[i], hashes[i])
+        seq.num_registered_blocks = len(hashes)
+
     def _sync_long_rope(self, seq: Sequence) -> None:
         # Crossing the original context while decoding: recompute every key with the long factors.
         if seq.num_computed_tokens and seq.kv_long_rope != seq.wants_long_rope:
@@ -113,12 +136,19 @@ class Scheduler:
         # After a preemption the pool is short: admitting others now would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
+            self._take_cached_prefix(seq)
             n = min(seq.num_remaining, budget)
             # Keep a few blocks for the running sequences to grow into, or a newcomer would be
             # admitted only to be preempted (and its images re-encoded) a step later.
             reserve = self.watermark_blocks if self.running else 0
             if not self._grow(seq, n, reserve):
+                # Give the cached prefix back until the sequence can run (its hashes stay valid).
+                self.pool.free(seq.block_ids)
+                seq.block_ids = []
+                seq.num_computed_tokens = seq.num_registered_blocks = 0
                 break
+            if seq.first_scheduled_time is None:
+                seq.num_cached_tokens = seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.mark_scheduled()

@@ -6,7 +6,9 @@ decode and recompute after preemption are the same code path with different gaps
 
 from __future__ import annotations
 
+import hashlib
 import time
+from array import array
 from dataclasses import dataclass
 from enum import Enum
 
@@ -48,6 +50,22 @@ def find_image_spans(prompt_ids: tuple[int, ...]) -> list[ImageSpan]:
     return spans
 
 
+def image_key(data: bytes, num_crops: int) -> int:
+    """A token-like key for every position of an image: negative, so it never equals a token id."""
+    h = hashlib.blake2b(data, digest_size=8, person=b"vc-image")
+    h.update(num_crops.to_bytes(1, "little"))  # the same file at another num_crops is another token run
+    return -1 - (int.from_bytes(h.digest(), "little") >> 2)
+
+
+def block_hash(parent: bytes, keys: list[int], long_rope: bool) -> bytes:
+    """Content hash of a full block and everything before it (the KV of a token depends on its prefix
+    and on which LongRoPE factors computed it)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(b"L" if long_rope else b"S")
+    h.update(array("q", keys).tobytes())
+    return h.digest()
+
+
 class Sequence:
     def __init__(self, request: EngineRequest, long_rope_threshold: int) -> None:
         self.request = request
@@ -58,6 +76,11 @@ class Sequence:
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING
         self.image_spans = find_image_spans(request.prompt_ids)
+        self._image_keys = [image_key(img.data, img.num_crops) for img in request.images]
+        # Prefix-cache hashes of this sequence's full blocks, in order (valid for kv_long_rope).
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         # Image embedding rows, computed when a chunk first needs them and dropped once consumed.
         self.image_embeds: dict[int, torch.Tensor] = {}
         # Which LongRoPE factors the cached keys were computed with.
@@ -100,6 +123,19 @@ class Sequence:
         """Forget all computed KV (the caller frees the blocks): the next steps recompute it."""
         self.num_computed_tokens = 0
         self.image_embeds.clear()
+        self.block_hashes.clear()
+        self.num_registered_blocks = 0
+
+    def _keys(self, lo: int, hi: int) -> list[int]:
+        return [t if t >= 0 else self._image_keys[-t - 1] for t in self.token_ids[lo:hi]]
+
+    def full_block_hashes(self, num_tokens: int, block_size: int, long_rope: bool) -> list[bytes]:
+        """Hashes of the full blocks among the first `num_tokens` tokens (extends `block_hashes`)."""
+        while (len(self.block_hashes) + 1) * block_size <= num_tokens:
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else b""
+            self.block_hashes.append(block_hash(parent, self._keys(i * block_size, (i + 1) * block_size), long_rope))
+        return self.block_hashes[: num_tokens // block_size]
 
     def release_consumed_images(self) -> None:
         for span in self.image_spans:

@@ -1,0 +1,123 @@
+"""Prefix caching: full KV blocks are reused by later requests with the same prefix, exactly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from harness import TINY_MODEL, image_bytes
+from service.engine import Engine, EngineConfig, EngineRequest, ImagePayload, SamplingOptions
+from service.engine.block_pool import BlockPool
+from service.model import load_model, select_attention_backend
+from service.processor.image import num_image_tokens
+from service.processor.prompt import ChatMessage, PromptBuilder
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    m, _ = load_model(TINY_MODEL, torch.float32, torch.device("cpu"), progress=False)
+    yield m
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def builder() -> PromptBuilder:
+    return PromptBuilder(TINY_MODEL)
+
+
+def engine(model, kv_bytes: int = 32 << 20) -> Engine:  # type: ignore[no-untyped-def]
+    return Engine(model, EngineConfig(max_model_len=8192, kv_cache_memory_bytes=kv_bytes), select_attention_backend("auto", torch.device("cpu")))
+
+
+def request(builder: PromptBuilder, rid: str, question: str, image: str | None = "A_640x480") -> EngineRequest:
+    images = ()
+    counts: list[int] = []
+    if image:
+        data = image_bytes(image)
+        w, h = {"A_640x480": (640, 480), "B_1024x300": (1024, 300), "C_200x900": (200, 900)}[image]
+        counts = [num_image_tokens(w, h, 4)]
+        images = (ImagePayload(data, 4, counts[0]),)
+    msgs = [ChatMessage("system", "You are a careful assistant."), ChatMessage("user", question, (0,) if image else ())]
+    ids = tuple(builder.encode(msgs, counts))
+    return EngineRequest(rid, ids, images, SamplingOptions(max_new_tokens=12), time.time())
+
+
+def run_one(eng: Engine, req: EngineRequest) -> tuple[list[int], int]:
+    eng.add_request(req)
+    ids: list[int] = []
+    cached = -1
+    while eng.has_work():
+        for out in eng.step():
+            ids += [t.token_id for t in out.tokens]
+            if out.queue_seconds is not None:
+                cached = out.num_cached_tokens
+    return ids, cached
+
+
+def test_shared_image_prefix_is_reused_and_tokens_are_exact(model, builder) -> None:  # type: ignore[no-untyped-def]
+    first = request(builder, "a", "<|image_1|>\nDescribe this image.")
+    second = request(builder, "b", "<|image_1|>\nWhat colours dominate?")
+    fresh_ids, fresh_cached = run_one(engine(model), second)
+    assert fresh_cached == 0
+
+    eng = engine(model)
+    run_one(eng, first)
+    ids, cached = run_one(eng, second)
+    assert ids == fresh_ids
+    # Everything up to the block holding the first differing token comes from the cache.
+    common = next(i for i, (x, y) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if x != y)
+    assert cached == common // 16 * 16 and cached > 757
+    stats = eng.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.num_cached_blocks > 0
+
+
+def test_identical_prompt_reuses_all_but_the_last_token(model, builder) -> None:  # type: ignore[no-untyped-def]
+    eng = engine(model)
+    req = request(builder, "a", "Write a haiku about the sea.", image=None)
+    ids1, cached1 = run_one(eng, req)
+    ids2, cached2 = run_one(eng, EngineRequest("b", req.prompt_ids, (), req.sampling, time.time()))
+    assert ids1 == ids2 and cached1 == 0
+    assert cached2 == (len(req.prompt_ids) - 1) // 16 * 16
+
+
+def test_another_image_of_the_same_size_is_not_a_hit(model, builder) -> None:  # type: ignore[no-untyped-def]
+    eng = engine(model)
+    run_one(eng, request(builder, "a", "<|image_1|>\nDescribe this image."))
+    # Same text and token count, other pixels: only the text before the image may be shared.
+    other = request(builder, "b", "<|image_1|>\nDescribe this image.")
+    pixels = bytearray(image_bytes("A_640x480"))
+    flipped = EngineRequest("b", other.prompt_ids, (ImagePayload(_mirror(bytes(pixels)), 4, other.images[0].num_tokens),), other.sampling, time.time())
+    _, cached = run_one(eng, flipped)
+    first_image_pos = other.prompt_ids.index(-1)
+    assert cached <= first_image_pos
+
+
+def _mirror(png: bytes) -> bytes:
+    import io
+
+    from PIL import Image, ImageOps
+
+    out = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(png))).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_block_pool_evicts_least_recently_freed_and_keeps_refcounts() -> None:
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    pool.register(a[0], b"h0")
+    pool.register(a[1], b"h1")
+    pool.free(a)
+    assert pool.num_free == 4 and pool.cached_prefix([b"h0", b"h1"]) == a
+    pool.take(a[:1])
+    assert pool.num_free == 3
+    # The two never-used blocks go first, then the tail of the freed sequence (h1), never the held head.
+    got = pool.allocate(3)
+    assert a[0] not in got and a[1] in got
+    assert pool.cached_prefix([b"h0", b"h1"]) == a[:1]
+    pool.free(got + a[:1])
+    assert pool.num_free == 4
