@@ -58,6 +58,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
     Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
     Option("max-vision-crops", int, 16, "336-px crops per vision-tower forward (micro-batch)"),
+    Option("max-image-embed-tokens", int, 32768, "Image embedding rows a worker holds at once (computed when prefill reaches an image, dropped once consumed)"),
     Option("max-queued-requests", int, 256, "Requests waiting for a worker before new ones get RESOURCE_EXHAUSTED"),
     Option("max-images", int, 32, "Images per request"),
     Option("max-image-bytes", parse_bytes, "20MiB", "Encoded bytes per image"),
@@ -92,6 +93,7 @@ class ServerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_vision_crops: int
+    max_image_embed_tokens: int
     max_queued_requests: int
     max_images: int
     max_image_bytes: int
@@ -137,6 +139,8 @@ def validate(config: ServerConfig) -> None:
         problems.append("--max-num-batched-tokens and --max-num-seqs must be >= 1")
     if config.max_vision_crops < 1:
         problems.append("--max-vision-crops must be >= 1")
+    if config.max_image_embed_tokens < 1:
+        problems.append("--max-image-embed-tokens must be >= 1")
     if config.log_format not in ("text", "json"):
         problems.append("--log-format must be text or json")
     if not 0.0 <= config.kv_cache_fraction < 1.0:

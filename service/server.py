@@ -80,6 +80,7 @@ class VisionChatServer:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_num_seqs=config.max_num_seqs,
                 max_vision_crops=config.max_vision_crops,
+                max_image_embed_tokens=config.max_image_embed_tokens,
                 max_model_len=self.context_len,
                 num_threads=config.cpu_threads if config.cpu_threads > 0 and device == "cpu" else threads[i],
                 log_level=config.log_level,

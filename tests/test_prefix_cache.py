@@ -121,3 +121,33 @@ def test_block_pool_evicts_least_recently_freed_and_keeps_refcounts() -> None:
     assert pool.cached_prefix([b"h0", b"h1"]) == a[:1]
     pool.free(got + a[:1])
     assert pool.num_free == 4
+
+
+def test_image_embedding_budget_holds_back_chunks_and_refuses_what_never_fits(model, builder) -> None:  # type: ignore[no-untyped-def]
+    from service.engine import RequestRefused
+
+    # Budget of one image (757 rows): two requests with an image each must take turns encoding,
+    # and their tokens stay those of running alone.
+    eng = Engine(
+        model,
+        EngineConfig(max_model_len=8192, kv_cache_memory_bytes=32 << 20, max_image_embed_tokens=800, max_num_batched_tokens=256),
+        select_attention_backend("auto", torch.device("cpu")),
+    )
+    a = request(builder, "a", "<|image_1|>\nDescribe this image.")
+    b = request(builder, "b", "<|image_1|>\nDescribe this image, please.", image="C_200x900")
+    alone = {r.request_id: run_one(engine(model), r)[0] for r in (a, b)}
+    eng.add_request(a)
+    eng.add_request(b)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    while eng.has_work():
+        held = sum(rows.shape[0] for s in eng.scheduler.running for rows in s.image_embeds.values())
+        assert held <= 800
+        for out in eng.step():
+            got[out.request_id] += [t.token_id for t in out.tokens]
+    assert got == alone
+    big = request(builder, "c", "<|image_1|>\nAnd this one?", image="B_1024x300")
+    small_budget = Engine(
+        model, EngineConfig(max_model_len=8192, kv_cache_memory_bytes=8 << 20, max_image_embed_tokens=500), select_attention_backend("auto", torch.device("cpu"))
+    )
+    with pytest.raises(RequestRefused, match="image-embedding budget"):
+        small_budget.add_request(big)

@@ -52,7 +52,11 @@ FINISH = {
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
 # Which request field a worker's refusal is about.
-REFUSAL_FIELD = {"max_context_tokens": "sampling.max_new_tokens", "kv_cache_memory": "sampling.max_new_tokens"}
+REFUSAL_FIELD = {
+    "max_context_tokens": "sampling.max_new_tokens",
+    "kv_cache_memory": "sampling.max_new_tokens",
+    "max_image_embed_tokens": "images",
+}
 
 
 @dataclass

@@ -27,10 +27,25 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_vision_crops: int = 32
+    max_image_embed_tokens: int = 32768
 
 
-def check_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_blocks: int, block_size: int) -> None:
+def check_fits(
+    prompt_len: int,
+    max_new_tokens: int,
+    max_model_len: int,
+    num_blocks: int,
+    block_size: int,
+    largest_image_tokens: int = 0,
+    max_image_embed_tokens: int = 1 << 30,
+) -> None:
     """Refuse a request that could never run, whatever else finishes first."""
+    if largest_image_tokens > max_image_embed_tokens:
+        raise RequestRefused(
+            "max_image_embed_tokens",
+            f"an image of {largest_image_tokens} tokens exceeds the image-embedding budget of "
+            f"{max_image_embed_tokens} tokens (--max-image-embed-tokens)",
+        )
     total = prompt_len + max_new_tokens
     if total > max_model_len:
         raise RequestRefused(
@@ -72,7 +87,7 @@ class Engine:
         self.kv_cache = KVCache(spec, num_blocks, model.device)
         self.pool = BlockPool(num_blocks)
         self.scheduler = Scheduler(
-            self.pool, SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.block_size)
+            self.pool, SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.block_size, config.max_image_embed_tokens)
         )
         self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops)
         self.sequences: dict[str, Sequence] = {}
@@ -92,13 +107,21 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        check_fits(prompt_len, max_new_tokens, self.config.max_model_len, self.pool.num_blocks, self.config.block_size)
+    def check_fits(self, request: EngineRequest) -> None:
+        check_fits(
+            len(request.prompt_ids),
+            request.sampling.max_new_tokens,
+            self.config.max_model_len,
+            self.pool.num_blocks,
+            self.config.block_size,
+            max((img.num_tokens for img in request.images), default=0),
+            self.config.max_image_embed_tokens,
+        )
 
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self.sequences:
             raise RequestRefused("request_id", f"request id {request.request_id!r} is already running")
-        self.check_fits(len(request.prompt_ids), request.sampling.max_new_tokens)
+        self.check_fits(request)
         seq = Sequence(request, self.model.config.original_max_position_embeddings)
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)

@@ -32,6 +32,9 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     max_num_seqs: int
     block_size: int
+    # Image embedding rows held at once across running sequences (computed per image when a chunk
+    # first needs it, dropped once prefill has consumed it).
+    max_image_embed_tokens: int = 1 << 30
 
 
 class Scheduler:
@@ -108,15 +111,30 @@ class Scheduler:
             seq.block_ids = []
             seq.reset_computation()
 
+    def _fit_image_budget(self, seq: Sequence, n: int, rows_left: int) -> tuple[int, int]:
+        """Shorten a chunk so the images it would encode fit the embedding budget; (tokens, new rows)."""
+        lo, hi = seq.num_computed_tokens, seq.num_computed_tokens + n
+        added = 0
+        for span in seq.image_spans:
+            if span.end <= lo or span.start >= hi or span.index in seq.image_embeds:
+                continue
+            if added + span.length > rows_left:
+                return max(0, span.start - lo), added  # stop before the image that does not fit
+            added += span.length
+        return n, added
+
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.limits.max_num_batched_tokens
+        image_rows_left = self.limits.max_image_embed_tokens - sum(
+            rows.shape[0] for seq in self.running for rows in seq.image_embeds.values()
+        )
         scheduled: list[ScheduledChunk] = []
         preempted = False
         for seq in sorted(self.running, key=lambda s: s.num_remaining > 1):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             self._sync_long_rope(seq)
-            n = min(seq.num_remaining, budget)
+            n, rows = self._fit_image_budget(seq, min(seq.num_remaining, budget), image_rows_left)
             if n <= 0:
                 continue
             while not self._grow(seq, n):
@@ -132,16 +150,17 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 scheduled.append(ScheduledChunk(seq, n))
                 budget -= n
+                image_rows_left -= rows
 
         # After a preemption the pool is short: admitting others now would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
             self._take_cached_prefix(seq)
-            n = min(seq.num_remaining, budget)
+            n, rows = self._fit_image_budget(seq, min(seq.num_remaining, budget), image_rows_left)
             # Keep a few blocks for the running sequences to grow into, or a newcomer would be
             # admitted only to be preempted (and its images re-encoded) a step later.
             reserve = self.watermark_blocks if self.running else 0
-            if not self._grow(seq, n, reserve):
+            if n <= 0 or not self._grow(seq, n, reserve):
                 # Give the cached prefix back until the sequence can run (its hashes stay valid).
                 self.pool.free(seq.block_ids)
                 seq.block_ids = []
@@ -155,4 +174,5 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledChunk(seq, n))
             budget -= n
+            image_rows_left -= rows
         return scheduled

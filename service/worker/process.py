@@ -88,6 +88,7 @@ def _engine_config(settings: WorkerSettings, kv_bytes: int) -> EngineConfig:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_num_seqs=settings.max_num_seqs,
         max_vision_crops=settings.max_vision_crops,
+        max_image_embed_tokens=settings.max_image_embed_tokens,
     )
 
 

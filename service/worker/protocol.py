@@ -25,6 +25,7 @@ class WorkerSettings:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_vision_crops: int
+    max_image_embed_tokens: int
     max_model_len: int
     num_threads: int
     log_level: str = "INFO"
