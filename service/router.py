@@ -51,8 +51,16 @@ class RequestStream:
     finished: bool = False
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        """Outputs in order. Whatever queued up while the consumer was busy comes as one merged
+        output, so a loaded frontend sends fewer, larger deltas instead of falling further behind."""
         while not self.finished:
             item = await self.queue.get()
+            while not isinstance(item, Exception) and not item.finished and not self.queue.empty():
+                following = self.queue.get_nowait()
+                if isinstance(following, Exception):
+                    self.queue.put_nowait(following)  # raised on the next turn, after these tokens
+                    break
+                item = _merge(item, following)
             if isinstance(item, Exception):
                 self.finished = True
                 raise item
@@ -60,6 +68,18 @@ class RequestStream:
             if item.finished:
                 self.finished = True
             yield item
+
+
+def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    return RequestOutput(
+        request_id=first.request_id,
+        tokens=first.tokens + second.tokens,
+        finish_reason=second.finish_reason,
+        error=second.error,
+        num_prompt_tokens=first.num_prompt_tokens,
+        num_cached_tokens=first.num_cached_tokens if first.queue_seconds is not None else second.num_cached_tokens,
+        queue_seconds=first.queue_seconds if first.queue_seconds is not None else second.queue_seconds,
+    )
 
 
 class Router:

@@ -272,7 +272,11 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
                         outcome.ttft_seconds = now - arrival
                         self.metrics.ttft.labels(outcome.worker).observe(outcome.ttft_seconds)
                     elif last_token_time is not None:
-                        self.metrics.itl.labels(outcome.worker).observe(now - last_token_time)
+                        # Several tokens may arrive merged (a busy frontend): spread the gap over them.
+                        gap = (now - last_token_time) / len(out.tokens)
+                        itl = self.metrics.itl.labels(outcome.worker)
+                        for _ in out.tokens:
+                            itl.observe(gap)
                     last_token_time = now
                     outcome.completion_tokens += len(out.tokens)
                     self.metrics.generation_tokens.labels(outcome.worker).inc(len(out.tokens))
