@@ -78,7 +78,7 @@ def server_cpu_seconds(pid: int) -> float:
     return total
 
 
-async def one_request(stub: pb_grpc.VisionChatStub, prompt: str, max_new_tokens: int) -> tuple[float, list[float], int]:
+async def one_request(stub: pb_grpc.VisionChatServiceStub, prompt: str, max_new_tokens: int) -> tuple[float, list[float], int]:
     req = pb.GenerateRequest(
         messages=[pb.Message(role=pb.ROLE_USER, text=prompt)],
         sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
@@ -103,7 +103,7 @@ async def one_request(stub: pb_grpc.VisionChatStub, prompt: str, max_new_tokens:
 
 async def run_phase(address: str, pid: int, name: str, streams: int, per_stream: int, max_new_tokens: int) -> PhaseResult:
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.VisionChatStub(channel)
+        stub = pb_grpc.VisionChatServiceStub(channel)
         await one_request(stub, PROMPTS[0], 4)  # connection and caches warm
         ttfts: list[float] = []
         gaps: list[float] = []

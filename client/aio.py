@@ -39,7 +39,7 @@ class AsyncVisionChatClient:
         self._options = channel_options(options)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.VisionChatStub | None = None
+        self._stub: pb_grpc.VisionChatServiceStub | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -51,9 +51,9 @@ class AsyncVisionChatClient:
         return self._channel
 
     @property
-    def stub(self) -> pb_grpc.VisionChatStub:
+    def stub(self) -> pb_grpc.VisionChatServiceStub:
         if self._stub is None:
-            self._stub = pb_grpc.VisionChatStub(self.channel)
+            self._stub = pb_grpc.VisionChatServiceStub(self.channel)
         return self._stub
 
     async def close(self, grace: float | None = None) -> None:

@@ -51,7 +51,7 @@ def _token_logprob(info: pb.TokenInfo) -> TokenLogprob:
 
 
 class ResultAccumulator:
-    """Turns ChatResponse messages, one at a time, into Delta objects and one final ChatResult.
+    """Turns ChatResponse (or GenerateResponse) messages, one at a time, into Delta objects and one final ChatResult.
 
     `with_logprobs` must say whether logprobs were requested: proto3 floats carry no presence, so
     a logprob of 0.0 cannot tell "not requested" from "probability one".
@@ -68,7 +68,7 @@ class ResultAccumulator:
     def done(self) -> bool:
         return self._result is not None
 
-    def add(self, response: pb.ChatResponse) -> Delta | ChatResult | None:
+    def add(self, response: pb.ChatResponse | pb.GenerateResponse) -> Delta | ChatResult | None:
         """Fold one response; returns what to hand to the caller, or None for nothing new."""
         if self._result is not None:
             raise StreamProtocolError("response received after the final `finished` message")
@@ -153,7 +153,7 @@ def message_to_dict(message: ProtoMessage) -> dict[str, Any]:
 
 
 def iter_results(
-    responses: Iterable[pb.ChatResponse], *, with_logprobs: bool = False
+    responses: Iterable[pb.ChatResponse | pb.GenerateResponse], *, with_logprobs: bool = False
 ) -> Iterator[Delta | ChatResult]:
     """Deltas as they arrive, then the ChatResult; raises StreamProtocolError on a truncated stream."""
     acc = ResultAccumulator(with_logprobs=with_logprobs)
@@ -165,7 +165,7 @@ def iter_results(
 
 
 async def aiter_results(
-    responses: AsyncIterable[pb.ChatResponse], *, with_logprobs: bool = False
+    responses: AsyncIterable[pb.ChatResponse | pb.GenerateResponse], *, with_logprobs: bool = False
 ) -> AsyncIterator[Delta | ChatResult]:
     """The asyncio twin of iter_results; the folding itself lives in ResultAccumulator."""
     acc = ResultAccumulator(with_logprobs=with_logprobs)

@@ -37,7 +37,7 @@ class VisionChatClient:
             self._channel = grpc.insecure_channel(target, options=opts)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=opts)
-        self._stub = pb_grpc.VisionChatStub(self._channel)
+        self._stub = pb_grpc.VisionChatServiceStub(self._channel)
         self.target = target
 
     # The raw channel and stub let tests send requests this API would never build.
@@ -46,7 +46,7 @@ class VisionChatClient:
         return self._channel
 
     @property
-    def stub(self) -> pb_grpc.VisionChatStub:
+    def stub(self) -> pb_grpc.VisionChatServiceStub:
         return self._stub
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
 from . import __version__
-from .api.servicer import SERVICE, ServingState, VisionChatServicer
+from .api.servicer import SERVICE, ServingState, VisionChatServiceServicer
 from .config import ServerConfig
 from .devices import cpu_threads_per_worker, resolve_devices
 from .metrics import Metrics
@@ -100,11 +100,11 @@ class VisionChatServer:
         self.metrics.workers_alive.set_function(lambda: sum(w.alive for w in self.router.workers))
         self.metrics.frontend_waiting.set_function(self.router.num_waiting)
         executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
-        servicer = VisionChatServicer(
+        servicer = VisionChatServiceServicer(
             config, self.model_config, self.builder, self.router, self.metrics, executor, self.state, self.context_len
         )
         server = grpc.aio.server(options=grpc_options(config))
-        pb_grpc.add_VisionChatServicer_to_server(servicer, server)
+        pb_grpc.add_VisionChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

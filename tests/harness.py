@@ -88,12 +88,12 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError("server never became SERVING:\n" + "\n".join(self.lines))
 
-    def stub(self, channel: grpc.Channel) -> pb_grpc.VisionChatStub:
-        return pb_grpc.VisionChatStub(channel)
+    def stub(self, channel: grpc.Channel) -> pb_grpc.VisionChatServiceStub:
+        return pb_grpc.VisionChatServiceStub(channel)
 
     def model_info(self) -> pb.GetModelInfoResponse:
         with grpc.insecure_channel(self.address) as ch:
-            return pb_grpc.VisionChatStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            return pb_grpc.VisionChatServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
     def wait_idle(self, timeout: float = 30.0) -> pb.GetModelInfoResponse:
         """Wait until every live worker has all KV blocks free and nothing running or waiting."""

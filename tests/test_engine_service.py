@@ -36,7 +36,7 @@ def mixed_requests(n: int) -> list[pb.GenerateRequest]:
 
 def run(address: str, req: pb.GenerateRequest, timeout: float = 300) -> list[int]:
     with grpc.insecure_channel(address) as ch:
-        ids, _, fin = collect(pb_grpc.VisionChatStub(ch).Generate(req, timeout=timeout))
+        ids, _, fin = collect(pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=timeout))
     assert fin.finish_reason == pb.FINISH_REASON_LENGTH
     return ids
 
@@ -98,7 +98,7 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
         def stream_text() -> None:
             with grpc.insecure_channel(proc.address) as ch:
                 req = generate_request("Write a haiku about the sea.", max_new_tokens=400, ignore_eos=True)
-                for r in pb_grpc.VisionChatStub(ch).Generate(req, timeout=300):
+                for r in pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=300):
                     if r.HasField("delta") and r.delta.tokens:
                         text_times.append(time.time())
 
@@ -108,7 +108,7 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
             time.sleep(0.01)
         sent = time.time()
         with grpc.insecure_channel(proc.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-            stub = pb_grpc.VisionChatStub(ch)
+            stub = pb_grpc.VisionChatServiceStub(ch)
             responses = stub.Generate(big, timeout=300)
             first = None
             ids: list[int] = []

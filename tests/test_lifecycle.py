@@ -26,7 +26,7 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> Non
         with grpc.insecure_channel(proc.address) as ch:
             ids: list[int] = []
             fin = None
-            for r in pb_grpc.VisionChatStub(ch).Generate(generate_request("Write a haiku about the sea.", max_new_tokens=400, ignore_eos=True), timeout=120):
+            for r in pb_grpc.VisionChatServiceStub(ch).Generate(generate_request("Write a haiku about the sea.", max_new_tokens=400, ignore_eos=True), timeout=120):
                 if r.HasField("delta"):
                     ids += [t.token_id for t in r.delta.tokens]
                     started.set()
@@ -45,7 +45,7 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> Non
         assert time.time() < deadline, "health did not go NOT_SERVING after SIGTERM"
         time.sleep(0.02)
     with grpc.insecure_channel(proc.address) as ch, pytest.raises(grpc.RpcError) as info:
-        collect(pb_grpc.VisionChatStub(ch).Generate(generate_request("hello", max_new_tokens=2), timeout=10))
+        collect(pb_grpc.VisionChatServiceStub(ch).Generate(generate_request("hello", max_new_tokens=2), timeout=10))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     t.join(120)
@@ -62,7 +62,7 @@ def test_embedded_default_model_serves_a_real_request(tmp_path) -> None:  # type
         assert info.model_id == "visionchat-embedded-tiny-random"
         with grpc.insecure_channel(proc.address) as ch:
             req = generate_request("Describe this image.", [image_bytes("A_640x480")], max_new_tokens=8, ignore_eos=True)
-            ids, text, fin = collect(pb_grpc.VisionChatStub(ch).Generate(req, timeout=60))
+            ids, text, fin = collect(pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=60))
         assert len(ids) == 8 and text and fin.usage.image_tokens == 1921
         assert any(p.name.startswith("default-model-") for p in tmp_path.iterdir())
     finally:
@@ -86,7 +86,7 @@ def test_manifest_flags_start_the_server_and_its_probes_pass(overlay: str) -> No
             assert proc.health(spec.get("service", "")) == health_pb2.HealthCheckResponse.SERVING, probe
         # JSON logs as the ConfigMap asks, one line per finished request.
         with grpc.insecure_channel(proc.address) as ch:
-            collect(pb_grpc.VisionChatStub(ch).Generate(generate_request("hi", max_new_tokens=2), timeout=60))
+            collect(pb_grpc.VisionChatServiceStub(ch).Generate(generate_request("hi", max_new_tokens=2), timeout=60))
         deadline = time.time() + 10
         while not any('"event":"request_finished"' in line for line in proc.lines):
             assert time.time() < deadline, list(proc.lines)[-5:]

@@ -44,16 +44,16 @@ def channel(server: ServerProcess):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> pb_grpc.VisionChatStub:
-    return pb_grpc.VisionChatStub(channel)
+def stub(channel: grpc.Channel) -> pb_grpc.VisionChatServiceStub:
+    return pb_grpc.VisionChatServiceStub(channel)
 
 
 def test_health_is_serving_after_load(server: ServerProcess) -> None:
     assert server.health("") == health_pb2.HealthCheckResponse.SERVING
-    assert server.health("visionchat.v1.VisionChat") == health_pb2.HealthCheckResponse.SERVING
+    assert server.health("visionchat.v1.VisionChatService") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_generate_matches_golden_tokens(stub: pb_grpc.VisionChatStub, server: ServerProcess) -> None:
+def test_generate_matches_golden_tokens(stub: pb_grpc.VisionChatServiceStub, server: ServerProcess) -> None:
     req = generate_request(PROMPT_ONE.removeprefix("<|image_1|>\n"), [image_bytes("A_640x480")], num_crops=4, max_new_tokens=16, ignore_eos=True)
     req.messages[0].text = PROMPT_ONE
     ids, text, fin = collect(stub.Generate(req, timeout=60))
@@ -64,7 +64,7 @@ def test_generate_matches_golden_tokens(stub: pb_grpc.VisionChatStub, server: Se
     assert text  # random weights: gibberish, but text
 
 
-def test_chat_stream_one_image_in_odd_chunks_equals_generate(stub: pb_grpc.VisionChatStub) -> None:
+def test_chat_stream_one_image_in_odd_chunks_equals_generate(stub: pb_grpc.VisionChatServiceStub) -> None:
     start = pb.ChatStart(
         messages=[user(PROMPT_ONE, 0)],
         sampling=pb.SamplingParams(max_new_tokens=16, ignore_eos=True),
@@ -76,7 +76,7 @@ def test_chat_stream_one_image_in_odd_chunks_equals_generate(stub: pb_grpc.Visio
     assert fin.usage.image_tokens == 757
 
 
-def test_chat_with_three_images_and_default_num_crops(stub: pb_grpc.VisionChatStub) -> None:
+def test_chat_with_three_images_and_default_num_crops(stub: pb_grpc.VisionChatServiceStub) -> None:
     images = [image_bytes(n) for n in ("A_640x480", "B_1024x300", "C_200x900")]
     start = pb.ChatStart(
         messages=[user("Compare these three images.", 0, 1, 2)],
@@ -89,7 +89,7 @@ def test_chat_with_three_images_and_default_num_crops(stub: pb_grpc.VisionChatSt
     assert len(ids) == 8 and fin.usage.completion_tokens == 8
 
 
-def test_count_tokens_equals_usage(stub: pb_grpc.VisionChatStub) -> None:
+def test_count_tokens_equals_usage(stub: pb_grpc.VisionChatServiceStub) -> None:
     images = [image_bytes("B_1024x300")]
     req = generate_request("What is this?", images, max_new_tokens=2)
     counted = stub.CountTokens(pb.CountTokensRequest(messages=req.messages, images=images), timeout=30)
@@ -101,7 +101,7 @@ def test_count_tokens_equals_usage(stub: pb_grpc.VisionChatStub) -> None:
     assert counted.text_tokens + counted.image_tokens == counted.prompt_tokens
 
 
-def test_python_clients_equal_raw_rpcs(server: ServerProcess, stub: pb_grpc.VisionChatStub) -> None:
+def test_python_clients_equal_raw_rpcs(server: ServerProcess, stub: pb_grpc.VisionChatServiceStub) -> None:
     image = image_bytes("C_200x900")
     kwargs = dict(num_crops=4, max_new_tokens=12, ignore_eos=True)
     with VisionChatClient(server.address) as client:
@@ -131,7 +131,7 @@ def test_text_only_matches_golden_and_cli_json(server: ServerProcess) -> None:
     assert result["finish_reason"] == "length" and result["usage"]["prompt_tokens"] == 16
 
 
-def test_stop_string_across_tokens_is_cut(stub: pb_grpc.VisionChatStub) -> None:
+def test_stop_string_across_tokens_is_cut(stub: pb_grpc.VisionChatServiceStub) -> None:
     base = generate_request("Write a haiku about the sea.", max_new_tokens=16, ignore_eos=True)
     _, full_text, _ = collect(stub.Generate(base, timeout=60))
     # A stop string that straddles the middle of the generated text.
@@ -146,7 +146,7 @@ def test_stop_string_across_tokens_is_cut(stub: pb_grpc.VisionChatStub) -> None:
     assert stop not in text
 
 
-def test_stop_token_and_logprobs(stub: pb_grpc.VisionChatStub) -> None:
+def test_stop_token_and_logprobs(stub: pb_grpc.VisionChatServiceStub) -> None:
     req = generate_request("Write a haiku about the sea.", max_new_tokens=16, stop_token_ids=[GOLDEN_TEXT[3]], logprobs=3)
     ids, _, fin = collect(stub.Generate(req, timeout=60))
     assert ids == GOLDEN_TEXT[:4]
@@ -159,7 +159,7 @@ def test_stop_token_and_logprobs(stub: pb_grpc.VisionChatStub) -> None:
                 assert tok.logprob <= 0 and abs(tok.logprob - tok.top_logprobs[0].logprob) < 1e-5
 
 
-def test_seeded_sampling_is_reproducible(stub: pb_grpc.VisionChatStub) -> None:
+def test_seeded_sampling_is_reproducible(stub: pb_grpc.VisionChatServiceStub) -> None:
     def run(seed: int) -> list[int]:
         req = generate_request("Tell me a story.", max_new_tokens=12, ignore_eos=True, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
         return collect(stub.Generate(req, timeout=60))[0]
@@ -179,7 +179,7 @@ def _large_png(min_bytes: int) -> bytes:
         side += 200
 
 
-def test_image_larger_than_grpc_default_message_limit(stub: pb_grpc.VisionChatStub) -> None:
+def test_image_larger_than_grpc_default_message_limit(stub: pb_grpc.VisionChatServiceStub) -> None:
     data = _large_png(5 << 20)
     start = pb.ChatStart(
         messages=[user("What is this noise?", 0)], sampling=pb.SamplingParams(max_new_tokens=2), image_count=1,
@@ -256,7 +256,7 @@ def _violations(err: grpc.RpcError) -> list[str]:
     return fields
 
 
-def _long_good_request(stub: pb_grpc.VisionChatStub, results: dict[str, object]) -> threading.Thread:
+def _long_good_request(stub: pb_grpc.VisionChatServiceStub, results: dict[str, object]) -> threading.Thread:
     def run() -> None:
         ids, _, fin = collect(stub.Generate(generate_request("Write a haiku about the sea.", max_new_tokens=200, ignore_eos=True), timeout=120))
         results["ids"] = ids
@@ -267,7 +267,7 @@ def _long_good_request(stub: pb_grpc.VisionChatStub, results: dict[str, object])
     return t
 
 
-def test_bad_inputs_get_invalid_argument_while_others_are_served(stub: pb_grpc.VisionChatStub, server: ServerProcess) -> None:
+def test_bad_inputs_get_invalid_argument_while_others_are_served(stub: pb_grpc.VisionChatServiceStub, server: ServerProcess) -> None:
     results: dict[str, object] = {}
     good = _long_good_request(stub, results)
     for name, (req, field) in BAD_GENERATE.items():
@@ -283,7 +283,7 @@ def test_bad_inputs_get_invalid_argument_while_others_are_served(stub: pb_grpc.V
     server.wait_idle()
 
 
-def test_bad_chat_streams(stub: pb_grpc.VisionChatStub) -> None:
+def test_bad_chat_streams(stub: pb_grpc.VisionChatServiceStub) -> None:
     img = image_bytes("C_200x900")
     start = pb.ChatStart(messages=[user("x", 0)], sampling=pb.SamplingParams(max_new_tokens=2), image_count=1)
     cases = {
@@ -306,7 +306,7 @@ def test_bad_chat_streams(stub: pb_grpc.VisionChatStub) -> None:
         assert any(f.startswith(field) for f in _violations(info.value)), (name, info.value.details())
 
 
-def test_cancel_mid_stream_frees_the_request(stub: pb_grpc.VisionChatStub, server: ServerProcess) -> None:
+def test_cancel_mid_stream_frees_the_request(stub: pb_grpc.VisionChatServiceStub, server: ServerProcess) -> None:
     before = server.metric("visionchat_request_success_total", finished_reason="cancelled")
     call = stub.Generate(generate_request("Write a haiku about the sea.", max_new_tokens=3000, ignore_eos=True), timeout=120)
     got = 0
@@ -324,7 +324,7 @@ def test_cancel_mid_stream_frees_the_request(stub: pb_grpc.VisionChatStub, serve
     assert server.metric("visionchat_request_success_total", finished_reason="cancelled") == before + 1
 
 
-def test_deadline_exceeded_frees_the_request(stub: pb_grpc.VisionChatStub, server: ServerProcess) -> None:
+def test_deadline_exceeded_frees_the_request(stub: pb_grpc.VisionChatServiceStub, server: ServerProcess) -> None:
     with pytest.raises(grpc.RpcError) as info:
         collect(stub.Generate(generate_request("Write a haiku about the sea.", max_new_tokens=4000, ignore_eos=True), timeout=1.0))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -334,20 +334,20 @@ def test_deadline_exceeded_frees_the_request(stub: pb_grpc.VisionChatStub, serve
 def test_grpcurl_lists_describes_and_calls_via_reflection(server: ServerProcess) -> None:
     grpcurl = str(ROOT / ".venv/bin/grpcurl")
     listed = subprocess.run([grpcurl, "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=30)
-    assert "visionchat.v1.VisionChat" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    assert "visionchat.v1.VisionChatService" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
     described = subprocess.run(
-        [grpcurl, "-plaintext", server.address, "describe", "visionchat.v1.VisionChat"], capture_output=True, text=True, timeout=30
+        [grpcurl, "-plaintext", server.address, "describe", "visionchat.v1.VisionChatService"], capture_output=True, text=True, timeout=30
     )
     assert "rpc Chat ( stream .visionchat.v1.ChatRequest ) returns ( stream .visionchat.v1.ChatResponse )" in described.stdout
     info = subprocess.run(
-        [grpcurl, "-plaintext", server.address, "visionchat.v1.VisionChat/GetModelInfo"], capture_output=True, text=True, timeout=30
+        [grpcurl, "-plaintext", server.address, "visionchat.v1.VisionChatService/GetModelInfo"], capture_output=True, text=True, timeout=30
     )
     model_info = json.loads(info.stdout)
     # grpcurl prints proto field names (context_length); accept the JSON-mapping name too.
     assert model_info.get("context_length", model_info.get("contextLength")) == 4096
     body = json.dumps({"messages": [{"role": "ROLE_USER", "text": "Write a haiku about the sea."}], "sampling": {"maxNewTokens": 16, "ignoreEos": True}})
     gen = subprocess.run(
-        [grpcurl, "-plaintext", "-d", body, server.address, "visionchat.v1.VisionChat/Generate"],
+        [grpcurl, "-plaintext", "-d", body, server.address, "visionchat.v1.VisionChatService/Generate"],
         capture_output=True, text=True, timeout=60,
     )
     assert gen.returncode == 0, gen.stderr
@@ -362,7 +362,7 @@ def test_grpcurl_lists_describes_and_calls_via_reflection(server: ServerProcess)
     assert ids == GOLDEN_TEXT
 
 
-def test_repeated_prefix_reports_cached_tokens(stub: pb_grpc.VisionChatStub) -> None:
+def test_repeated_prefix_reports_cached_tokens(stub: pb_grpc.VisionChatServiceStub) -> None:
     image = [image_bytes("B_1024x300")]
     first = generate_request("<|image_1|>\nWhat is shown here?", image, num_crops=4, max_new_tokens=4, ignore_eos=True)
     collect(stub.Generate(first, timeout=60))

@@ -105,7 +105,7 @@ function parse(argv) {
   };
 }
 
-/** The generated-at-run-time client class of visionchat.v1.VisionChat. */
+/** The generated-at-run-time client class of visionchat.v1.VisionChatService. */
 function loadService() {
   const definition = protoLoader.loadSync(PROTO_FILE, {
     includeDirs: [PROTO_ROOT],
@@ -116,7 +116,7 @@ function loadService() {
     oneofs: true, // adds `kind: "delta" | "finished"` to responses
   });
   const pkg = /** @type {any} */ (grpc.loadPackageDefinition(definition));
-  return pkg.visionchat.v1.VisionChat;
+  return pkg.visionchat.v1.VisionChatService;
 }
 
 /** @param {string} value FINISH_REASON_STOP_STRING -> "stop_string"; unknown numbers stay visible. */

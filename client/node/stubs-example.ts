@@ -8,13 +8,13 @@ import { readFileSync } from "node:fs";
 import { credentials, type ServiceError } from "@grpc/grpc-js";
 import {
   type ChatFinished,
-  type ChatResponse,
+  type GenerateResponse,
   FinishReason,
   finishReasonToJSON,
   GenerateRequest,
   GetModelInfoResponse,
   Role,
-  VisionChatClient,
+  VisionChatServiceClient,
 } from "../../gen/ts/visionchat/v1/visionchat";
 
 const [target = "127.0.0.1:50051", imagePath, numCrops = "4", maxNewTokens = "16", prompt = "Describe the image."] =
@@ -24,7 +24,7 @@ if (!imagePath) {
   process.exit(2);
 }
 
-const client = new VisionChatClient(target, credentials.createInsecure(), {
+const client = new VisionChatServiceClient(target, credentials.createInsecure(), {
   "grpc.max_send_message_length": 64 << 20,
   // round_robin spreads calls over every address of a dns:/// target (one per pod).
   "grpc.service_config": JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] }),
@@ -50,7 +50,7 @@ client.getModelInfo({}, (err, info) => {
   const tokenIds: number[] = [];
   let finished: ChatFinished | undefined;
   const call = client.generate(request);
-  call.on("data", (response: ChatResponse) => {
+  call.on("data", (response: GenerateResponse) => {
     if (response.delta) {
       text += response.delta.text;
       tokenIds.push(...response.delta.tokens.map((t) => t.tokenId));

@@ -20,7 +20,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULT_SERVICE = "visionchat.v1.VisionChat"
+DEFAULT_SERVICE = "visionchat.v1.VisionChatService"
 
 
 def default_address() -> str:

@@ -1,4 +1,4 @@
-"""The visionchat.v1.VisionChat servicer: gRPC in, EngineRequests to the router, text deltas out."""
+"""The visionchat.v1.VisionChatService servicer: gRPC in, EngineRequests to the router, text deltas out."""
 
 from __future__ import annotations
 
@@ -40,8 +40,10 @@ from .inputs import (
 )
 
 log = logging.getLogger("visionchat.requests")
-SERVICE = "visionchat.v1.VisionChat"
+SERVICE = "visionchat.v1.VisionChatService"
 T = TypeVar("T")
+# Chat and Generate stream messages of the same shape under their own names.
+Response = pb.ChatResponse | pb.GenerateResponse
 
 FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
@@ -74,7 +76,7 @@ class _Outcome:
     cached_tokens: int = 0
 
 
-class VisionChatServicer(pb_grpc.VisionChatServicer):
+class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     def __init__(
         self,
         config: ServerConfig,
@@ -131,8 +133,8 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
             raise  # unreachable: abort raises
 
     async def _streaming(
-        self, method: str, kind: str, context: grpc.aio.ServicerContext, body: AsyncIterator[pb.ChatResponse]
-    ) -> AsyncIterator[pb.ChatResponse]:
+        self, method: str, kind: str, context: grpc.aio.ServicerContext, body: AsyncIterator[Response]
+    ) -> AsyncIterator[Response]:
         try:
             with self._observe(method, kind, context):
                 async for item in body:
@@ -151,7 +153,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
         async for response in self._streaming("Chat", "bidi_stream", context, self._chat(request_iterator)):
             yield response
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         async for response in self._streaming("Generate", "server_stream", context, self._generate_inline(request)):
             yield response
 
@@ -163,7 +165,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
 
     # --- bodies ----------------------------------------------------------------------------------
 
-    async def _generate_inline(self, request: pb.GenerateRequest) -> AsyncIterator[pb.ChatResponse]:
+    async def _generate_inline(self, request: pb.GenerateRequest) -> AsyncIterator[Response]:
         self._check_serving()
         check_image_limits(self.config, [len(b) for b in request.images])
         call = Call(
@@ -173,13 +175,13 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
             num_crops=resolve_num_crops(request.image_options),
             request_id=request.request_id,
         )
-        async for item in self._run(call):
+        async for item in self._run(call, pb.GenerateResponse):
             yield item
 
     async def _chat(self, requests: AsyncIterator[pb.ChatRequest]) -> AsyncIterator[pb.ChatResponse]:
         self._check_serving()
         call = await self._read_upload(requests)
-        async for item in self._run(call):
+        async for item in self._run(call, pb.ChatResponse):
             yield item
 
     async def _read_upload(self, requests: AsyncIterator[pb.ChatRequest]) -> Call:
@@ -232,7 +234,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, prepare, call, self.builder, self.config)
 
-    async def _run(self, call: Call) -> AsyncIterator[pb.ChatResponse]:
+    async def _run(self, call: Call, response: type[Response]) -> AsyncIterator[Response]:
         arrival = time.time()
         validate_sampling(call.sampling, self.config, self.model_config.vocab_size)
         prepared = await self._prepare(call)
@@ -291,7 +293,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
                     if outcome.reason is FinishReason.STOP_TOKEN and out.tokens:
                         matched_stop = self.builder.tokenizer.convert_ids_to_tokens(out.tokens[-1].token_id) or ""
                 if out.tokens or text.text:
-                    yield pb.ChatResponse(delta=pb.ChatDelta(text=text.text, tokens=[_token_info(t) for t in out.tokens]))
+                    yield response(delta=pb.ChatDelta(text=text.text, tokens=[_token_info(t) for t in out.tokens]))
                 if text.stop is not None or out.finished:
                     done = True
                     break
@@ -306,7 +308,7 @@ class VisionChatServicer(pb_grpc.VisionChatServicer):
                 self.router.abort(engine_id)
             self._finish(request_id, outcome, prepared, arrival)
         total = time.time() - arrival
-        yield pb.ChatResponse(
+        yield response(
             finished=pb.ChatFinished(
                 finish_reason=FINISH[outcome.reason],
                 usage=pb.Usage(
