@@ -101,7 +101,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     # --- RPC bookkeeping -------------------------------------------------------------------------
 
     @contextmanager
-    def _observe(self, method: str, kind: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def _observe(self, method: str, kind: str) -> Iterator[None]:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -126,7 +126,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Awaitable[T]) -> T:
         try:
-            with self._observe(method, "unary", context):
+            with self._observe(method, "unary"):
                 return await body
         except ApiError as exc:
             await self._abort(context, exc)
@@ -136,7 +136,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
         self, method: str, kind: str, context: grpc.aio.ServicerContext, body: AsyncIterator[Response]
     ) -> AsyncIterator[Response]:
         try:
-            with self._observe(method, kind, context):
+            with self._observe(method, kind):
                 async for item in body:
                     yield item
         except ApiError as exc:
