@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -19,7 +20,7 @@ from .api.servicer import SERVICE, ServingState, VisionChatServiceServicer
 from .config import ServerConfig
 from .devices import cpu_threads_per_worker, resolve_devices
 from .metrics import Metrics
-from .model.loader import inspect_checkpoint
+from .model.loader import inspect_checkpoint, resolve_dtype
 from .processor.prompt import PromptBuilder
 from .router import Router
 from .worker.protocol import WorkerSettings
@@ -66,6 +67,8 @@ class VisionChatServer:
             self.model_config.max_position_embeddings,
         )
         devices = resolve_devices(config.devices)
+        for device in devices:
+            resolve_dtype(config.dtype, torch.device(device))  # an unknown --dtype fails here, not in a worker
         threads = cpu_threads_per_worker(devices)
         self.settings = [
             WorkerSettings(

@@ -94,3 +94,48 @@ def test_manifest_flags_start_the_server_and_its_probes_pass(overlay: str) -> No
         assert "visionchat_workers_alive 1.0" in proc.metrics_text()
     finally:
         assert proc.stop() == 0
+
+
+def _broken_model(tmp_path, how: str):  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, folder)
+    if how == "missing tokenizer":
+        (folder / "tokenizer.json").unlink()
+        return folder, "tokenizer.json"
+    if how == "missing shard":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+        return folder, "model-00002-of-00002.safetensors"
+    if how == "corrupt safetensors":
+        shard = folder / "model-00001-of-00002.safetensors"
+        shard.write_bytes(shard.read_bytes()[:100])
+        return folder, "model-00001-of-00002.safetensors"
+    if how == "another model type":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["model_type"] = "llama"
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return folder, "model_type='llama'"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["missing tokenizer", "missing shard", "corrupt safetensors", "another model type", "unknown dtype"])
+def test_bad_model_folder_or_flag_is_one_clear_error_at_startup(tmp_path, how: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from harness import ROOT
+
+    if how == "unknown dtype":
+        args, expected = ["--model", str(TINY_MODEL), "--dtype", "int3"], "--dtype 'int3'"
+    else:
+        folder, expected = _broken_model(tmp_path, how)
+        args = ["--model", str(folder)]
+    run = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "-1", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("visionchat: cannot start:") and expected in last, last

@@ -152,6 +152,9 @@ class PromptBuilder:
         # encodes as 32007, 13, 32001 instead of the original 32007, 29871, 13, 32001.
         # PreTrainedTokenizerFast runs tokenizer.json as written (Prepend("▁") normalizer applied to
         # every text segment between special tokens), as tokenizers 0.19 did for the original.
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (path / name).is_file():
+                raise ValueError(f"{path / name}: missing (the model folder must carry the Phi-3.5 tokenizer)")
         self._tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
         if not self._tokenizer.chat_template:
             raise ValueError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template)")
