@@ -83,10 +83,10 @@ def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
 
 
 class Router:
-    def __init__(self, settings: list[WorkerSettings], max_queued_requests: int, observer: RouterObserver) -> None:
+    def __init__(self, settings: list[WorkerSettings], max_queued_requests: int, observers: list[RouterObserver]) -> None:
         self.workers = [WorkerHandle(s, self._on_message, self._on_exit) for s in settings]
         self.max_queued_requests = max_queued_requests
-        self.observer = observer
+        self.observers = observers
         self.streams: dict[str, RequestStream] = {}
         self._pending_sends: set[asyncio.Task[None]] = set()
         # Set when a worker dies before it was ever ready: a bad model or device, not a crash to retry.
@@ -177,14 +177,16 @@ class Router:
                 stream.queue.put_nowait(out)
                 if out.finished:
                     self.streams.pop(out.request_id, None)
-            self.observer.worker_step(worker, msg)
+            for observer in self.observers:
+                observer.worker_step(worker, msg)
         elif isinstance(msg, Rejected):
             stream = self.streams.pop(msg.request_id, None)
             if stream is not None:
                 stream.queue.put_nowait(RequestRefused(msg.limit, msg.message))
         elif isinstance(msg, WorkerReady):
             log.info("%s ready: %s %s, %d KV blocks", worker.name, msg.device, msg.dtype, msg.stats.kv_blocks_total)
-            self.observer.worker_ready(worker, msg)
+            for observer in self.observers:
+                observer.worker_ready(worker, msg)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         if worker.state.info is None:
@@ -194,7 +196,8 @@ class Router:
         lost = [rid for rid, s in self.streams.items() if s.worker is worker]
         for rid in lost:
             self.streams.pop(rid).queue.put_nowait(WorkerLost(f"{worker.name} died while serving this request; retry"))
-        self.observer.worker_died(worker)
+        for observer in self.observers:
+            observer.worker_died(worker)
         log.warning("%s lost %d requests; restarting", worker.name, len(lost))
         worker.restart()
 

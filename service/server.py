@@ -23,7 +23,8 @@ from .metrics import Metrics
 from .model.loader import inspect_checkpoint, resolve_dtype
 from .processor.prompt import PromptBuilder
 from .router import Router
-from .worker.protocol import WorkerSettings
+from .worker.handle import WorkerHandle
+from .worker.protocol import StepReport, WorkerReady, WorkerSettings
 
 log = logging.getLogger("visionchat.server")
 
@@ -53,6 +54,45 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
         ]
     return options
+
+
+class HealthTracker:
+    """Keeps grpc.health.v1 true to the workers.
+
+    Both "" and the VisionChat service are NOT_SERVING until every worker is ready, and again once
+    the server drains. In between, the service status follows the workers (NOT_SERVING while none
+    is up, e.g. the only one restarting: readiness takes the pod out of rotation), while "" stays
+    SERVING, because a worker restart is the server healing itself, not a reason for a liveness
+    probe to kill the pod."""
+
+    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+        self.health = health_servicer
+        self.router: Router | None = None
+        self.started = False  # every worker was ready once
+        self.draining = False
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def set(self, serving: bool, names: tuple[str, ...] = ("", SERVICE)) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            await self.health.set(name, status)
+
+    def _update(self) -> None:
+        if not self.started or self.draining or self.router is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.set(self.router.any_ready, (SERVICE,)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    # RouterObserver
+    def worker_ready(self, worker: WorkerHandle, msg: WorkerReady) -> None:
+        self._update()
+
+    def worker_step(self, worker: WorkerHandle, report: StepReport) -> None:
+        pass
+
+    def worker_died(self, worker: WorkerHandle) -> None:
+        self._update()
 
 
 class VisionChatServer:
@@ -94,12 +134,14 @@ class VisionChatServer:
         self.metrics = Metrics()
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
+        self.health_tracker = HealthTracker(self.health)
         self.port = 0
         self.metrics_port = 0
 
     async def run(self) -> int:
         config = self.config
-        self.router = Router(self.settings, config.max_queued_requests, self.metrics)
+        self.router = Router(self.settings, config.max_queued_requests, [self.metrics, self.health_tracker])
+        self.health_tracker.router = self.router
         self.metrics.workers_alive.set_function(lambda: sum(w.alive for w in self.router.workers))
         self.metrics.frontend_waiting.set_function(self.router.num_waiting)
         executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
@@ -112,8 +154,7 @@ class VisionChatServer:
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health_tracker.set(False)
         self.port = server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise SystemExit(f"cannot bind {config.host}:{config.port}")
@@ -158,14 +199,15 @@ class VisionChatServer:
                 ),
             }
         )
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health_tracker.started = True
+        await self.health_tracker.set(True)
         print(f"VisionChat ready: {len(self.router.workers)} worker(s) serving {self.model_config.model_id}", flush=True)
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         """SIGTERM: NOT_SERVING at once, refuse new calls, let running streams finish, exit."""
         log.info("draining: %d request(s) in flight, up to %.0fs", len(self.router.streams), self.config.drain_seconds)
         self.state.draining = True
+        self.health_tracker.draining = True
         await self.health.enter_graceful_shutdown()
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         while self.router.streams and asyncio.get_running_loop().time() < deadline:

@@ -137,6 +137,27 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
         proc.stop()
 
 
+def test_only_worker_killed_service_goes_not_serving_until_it_is_back() -> None:
+    from grpc_health.v1 import health_pb2
+
+    proc = ServerProcess(["--model", str(TINY_MODEL), "--kv-cache-memory", "16MiB"]).start()
+    try:
+        os.kill(proc.worker_pids()[0], signal.SIGKILL)
+        seen = set()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            seen.add(proc.health("visionchat.v1.VisionChatService"))
+            assert proc.health("") == health_pb2.HealthCheckResponse.SERVING  # liveness: the server heals itself
+            if health_pb2.HealthCheckResponse.NOT_SERVING in seen and proc.health("visionchat.v1.VisionChatService") == health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.02)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        proc.wait_serving()
+        assert len(run(proc.address, generate_request("hello", max_new_tokens=3, ignore_eos=True))) == 3
+    finally:
+        proc.stop()
+
+
 def test_killed_worker_fails_only_its_requests_and_comes_back() -> None:
     proc = ServerProcess(["--model", str(TINY_MODEL), "--devices", "cpu,cpu", "--kv-cache-memory", "32MiB"]).start()
     try:
