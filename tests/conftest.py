@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from harness import TINY_MODEL, ServerProcess
 
@@ -33,3 +34,14 @@ def _pool_back_to_all_free(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "server" in request.fixturenames:
         request.getfixturevalue("server").wait_idle()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For in-process model tests. The tiny model's ops are too small for intra-op threads to pay
+    off, and on a busy 2-core machine a second thread spin-waits behind other processes (a
+    one-token-chunk prefill went from 0.9 s to 18 s under load). One thread keeps runtimes predictable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -30,15 +30,7 @@ ATTENTION_FACTOR = 1.1902380714  # sqrt(1 + ln(131072 / 4096) / ln(4096)), READM
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads to pay off, and on a busy 2-core
-    machine a second thread spin-waits behind other processes (the one-token-chunk test went from
-    0.9 s to 18 s under load). One thread keeps the runtime predictable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from service.processor.image import num_image_tokens
 from service.processor.prompt import ChatMessage, PromptBuilder
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def model():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     m, _ = load_model(TINY_MODEL, torch.float32, torch.device("cpu"), progress=False)
-    yield m
-    torch.set_num_threads(threads)
+    return m
 
 
 @pytest.fixture(scope="module")
