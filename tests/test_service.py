@@ -371,3 +371,18 @@ def test_repeated_prefix_reports_cached_tokens(stub: pb_grpc.VisionChatServiceSt
     # The image (601 tokens) and the text before the question come from the prefix cache.
     assert fin2.usage.cached_tokens >= 601 and fin2.usage.cached_tokens % 16 == 0
     assert fin2.usage.cached_tokens < fin2.usage.prompt_tokens
+
+
+def test_multi_turn_conversation_with_images_in_two_turns(stub: pb_grpc.VisionChatServiceStub) -> None:
+    images = [image_bytes("C_200x900"), image_bytes("B_1024x300")]
+    messages = [
+        pb.Message(role=pb.ROLE_SYSTEM, text="You are a terse assistant."),
+        pb.Message(role=pb.ROLE_USER, text="What is in this picture?", image_indices=[0]),  # no placeholder: prepended
+        pb.Message(role=pb.ROLE_ASSISTANT, text="A tall narrow scene."),
+        pb.Message(role=pb.ROLE_USER, text="And here: <|image_2|> is it wider?", image_indices=[1]),
+    ]
+    counted = stub.CountTokens(pb.CountTokensRequest(messages=messages, images=images), timeout=30)
+    assert counted.image_tokens == 781 + 601  # two images: num_crops 4 each
+    start = pb.ChatStart(messages=messages, sampling=pb.SamplingParams(max_new_tokens=6, ignore_eos=True), image_count=2)
+    ids, _, fin = collect(stub.Chat(chat_stream(start, images, chunk=50_000), timeout=60))
+    assert len(ids) == 6 and fin.usage.prompt_tokens == counted.prompt_tokens
