@@ -34,10 +34,17 @@ def resolve_devices(spec: str) -> list[str]:
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices:
         raise ValueError("--devices is empty")
+    found: dict[str, int] = {}  # accelerator kind -> devices on this host, probed once
     for d in devices:
-        kind = d.split(":")[0]
-        if kind not in ("cpu", "cuda", "npu"):
+        kind, _, index = d.partition(":")
+        if kind not in ("cpu", "cuda", "npu") or (index and not index.isdigit()):
             raise ValueError(f"--devices: unknown device {d!r} (use cpu, cuda:N or npu:N)")
+        if kind == "cpu":
+            continue
+        if kind not in found:
+            found[kind] = _cuda_count() if kind == "cuda" else _npu_count()
+        if int(index or 0) >= found[kind]:
+            raise ValueError(f"--devices: {d} is not available on this host ({found[kind]} {kind} device(s) found)")
     return devices
 
 

@@ -32,3 +32,24 @@ def test_parse_bytes(text: str, value: int) -> None:
 def test_invalid_configuration_is_one_clear_error() -> None:
     with pytest.raises(SystemExit, match="--block-size"):
         parse_config(["--block-size", "0"])
+
+
+@pytest.mark.parametrize("spec", ["tpu:0", "cuda:x", "cuda:0", "npu:3", ""])
+def test_devices_that_do_not_exist_here_are_refused_up_front(spec: str) -> None:
+    import torch
+
+    from service.devices import resolve_devices
+
+    if spec == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    with pytest.raises(ValueError, match="--devices"):
+        resolve_devices(spec)
+
+
+def test_devices_auto_and_cpu_lists() -> None:
+    from service.devices import cpu_threads_per_worker, resolve_devices
+
+    assert resolve_devices("cpu, cpu") == ["cpu", "cpu"]
+    # Two CPU workers share the cores left after the frontend's, at least one thread each.
+    threads = cpu_threads_per_worker(["cpu", "cpu"])
+    assert set(threads) == {0, 1} and all(t >= 1 for t in threads.values())
