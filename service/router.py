@@ -148,6 +148,11 @@ class Router:
         except (ConnectionError, OSError) as exc:
             self.streams.pop(request.request_id, None)
             raise NoWorkerAvailable(f"{worker.name} is unavailable: {exc}") from exc
+        except BaseException:
+            # Cancelled (client gone, deadline) while sending: the request may or may not have
+            # reached the worker; abort it either way so nothing runs or waits for nobody.
+            self.abort(request.request_id)
+            raise
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -189,7 +194,7 @@ class Router:
                 observer.worker_ready(worker, msg)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
-        if worker.state.info is None:
+        if not worker.state.ever_ready:
             log.error("%s died during start-up", worker.name)
             self.startup_failed.set()
             return

@@ -205,12 +205,12 @@ class VisionChatServer:
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         """SIGTERM: NOT_SERVING at once, refuse new calls, let running streams finish, exit."""
-        log.info("draining: %d request(s) in flight, up to %.0fs", len(self.router.streams), self.config.drain_seconds)
+        log.info("draining: %d call(s) in flight, up to %.0fs", self.state.in_flight, self.config.drain_seconds)
         self.state.draining = True
         self.health_tracker.draining = True
         await self.health.enter_graceful_shutdown()
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
-        while self.router.streams and asyncio.get_running_loop().time() < deadline:
+        while (self.state.in_flight or self.router.streams) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await server.stop(grace=1.0)
         await self.router.stop()

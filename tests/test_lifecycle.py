@@ -54,6 +54,55 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> Non
     assert proc.proc.wait(60) == 0
 
 
+def test_sigterm_during_an_upload_lets_it_finish() -> None:
+    proc = ServerProcess(["--model", str(TINY_MODEL), "--kv-cache-memory", "32MiB", "--drain-seconds", "60"]).start()
+    image = image_bytes("C_200x900")
+    half = len(image) // 2
+    sigterm_sent = threading.Event()
+    start = pb.ChatStart(
+        messages=[pb.Message(role=pb.ROLE_USER, text="What is this?", image_indices=[0])],
+        sampling=pb.SamplingParams(max_new_tokens=8, ignore_eos=True),
+        image_count=1,
+    )
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield pb.ChatRequest(start=start)
+        yield pb.ChatRequest(image_chunk=pb.ImageChunk(image_index=0, data=image[:half]))
+        assert sigterm_sent.wait(30)
+        time.sleep(1.5)  # the rest of the upload arrives well after SIGTERM
+        yield pb.ChatRequest(image_chunk=pb.ImageChunk(image_index=0, data=image[half:]))
+        yield pb.ChatRequest(end_of_input=pb.EndOfInput())
+
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        with grpc.insecure_channel(proc.address) as ch:
+            result["out"] = collect(pb_grpc.VisionChatServiceStub(ch).Chat(requests(), timeout=60))
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)  # the upload has started
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    sigterm_sent.set()
+    t.join(60)
+    ids, _, fin = result["out"]  # type: ignore[misc]
+    from service.processor.image import num_image_tokens
+
+    assert len(ids) == 8 and fin.usage.image_tokens == num_image_tokens(200, 900, 16)
+    assert proc.proc.wait(60) == 0
+
+
+def test_worker_warmup_fits_tiny_limits() -> None:
+    proc = ServerProcess(
+        ["--model", str(TINY_MODEL), "--kv-cache-memory", "1MiB", "--max-image-embed-tokens", "200"]
+    ).start()
+    try:
+        assert proc.model_info().workers[0].kv_blocks_total == 21
+    finally:
+        assert proc.stop() == 0
+
+
 def test_embedded_default_model_serves_a_real_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # No --model: the server generates its small checkpoint into the cache and serves it.
     proc = ServerProcess(["--kv-cache-memory", "32MiB", "--model-cache-dir", str(tmp_path)]).start()

@@ -235,6 +235,7 @@ BAD_GENERATE = {
     "top_p out of range": (generate_request("x", top_p=1.5), "sampling.top_p"),
     "num_crops out of range": (generate_request("x", [image_bytes("C_200x900")], num_crops=17), "image_options.num_crops"),
     "logprobs too many": (generate_request("x", logprobs=50), "sampling.logprobs"),
+    "repetition penalty so small it overflows": (generate_request("x", repetition_penalty=1e-40), "sampling.repetition_penalty"),
     "stop token outside vocabulary": (generate_request("x", stop_token_ids=[99999]), "sampling.stop_token_ids[0]"),
     "max_new_tokens above the limit": (generate_request("x", max_new_tokens=5000), "sampling.max_new_tokens"),
     "prompt + max_new_tokens beyond context": (
@@ -386,3 +387,35 @@ def test_multi_turn_conversation_with_images_in_two_turns(stub: pb_grpc.VisionCh
     start = pb.ChatStart(messages=messages, sampling=pb.SamplingParams(max_new_tokens=6, ignore_eos=True), image_count=2)
     ids, _, fin = collect(stub.Chat(chat_stream(start, images, chunk=50_000), timeout=60))
     assert len(ids) == 6 and fin.usage.prompt_tokens == counted.prompt_tokens
+
+
+def test_vanishing_temperature_is_greedy_not_a_crash(stub: pb_grpc.VisionChatServiceStub, server: ServerProcess) -> None:
+    restarts = server.metric("visionchat_worker_restarts_total")
+    req = generate_request("Write a haiku about the sea.", max_new_tokens=16, ignore_eos=True, temperature=1e-40, seed=3)
+    ids, _, fin = collect(stub.Generate(req, timeout=60))
+    assert ids == GOLDEN_TEXT and fin.finish_reason == pb.FINISH_REASON_LENGTH
+    assert server.metric("visionchat_worker_restarts_total") == restarts
+
+
+def test_calls_cancelled_while_submitting_leave_nothing_behind(server: ServerProcess) -> None:
+    """Deadlines that expire while large uploads are prepared or handed to the worker."""
+    image = _large_png(5 << 20)
+
+    def one(timeout: float) -> None:
+        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            req = generate_request("What is this noise?", [image], num_crops=1, max_new_tokens=200, ignore_eos=True)
+            try:
+                collect(pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=timeout))
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    threads = [threading.Thread(target=one, args=(0.05 + 0.05 * (i % 6),)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    server.wait_idle()
+    deadline = time.time() + 10
+    while server.metric("visionchat_num_requests_waiting_frontend") and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metric("visionchat_num_requests_waiting_frontend") == 0

@@ -49,13 +49,14 @@ class IncrementalDetokenizer:
 
     def _release(self, new: str, final: bool) -> DetokenizeResult:
         self._pending += new
-        for stop in self.stop:
-            at = self._pending.find(stop)
-            if at >= 0:
-                out = self._pending[:at]
-                self.text += out
-                self._pending = ""
-                return DetokenizeResult(out, stop)
+        # The earliest match wins (the longer stop string on a tie): nothing after it is ever shown.
+        matches = [(at, -len(stop), stop) for stop in self.stop if (at := self._pending.find(stop)) >= 0]
+        if matches:
+            at, _, stop = min(matches)
+            out = self._pending[:at]
+            self.text += out
+            self._pending = ""
+            return DetokenizeResult(out, stop)
         cut = len(self._pending) if final else max(0, len(self._pending) - self._hold)
         out, self._pending = self._pending[:cut], self._pending[cut:]
         self.text += out

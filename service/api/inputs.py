@@ -24,6 +24,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
+MIN_REPETITION_PENALTY = 0.01  # 0 means unset; tinier values blow logits up to inf
 DEFAULT_NUM_CROPS_SINGLE = 16
 DEFAULT_NUM_CROPS_MULTI = 4
 
@@ -104,8 +105,12 @@ def validate_sampling(s: pb.SamplingParams, config: ServerConfig, vocab_size: in
         raise bad("top_p", f"must be between 0 and 1, got {s.top_p}")
     if s.top_k > vocab_size:
         raise bad("top_k", f"must be at most the vocabulary size {vocab_size}, got {s.top_k}")
-    if not math.isfinite(s.repetition_penalty) or not 0 <= s.repetition_penalty <= MAX_REPETITION_PENALTY:
-        raise bad("repetition_penalty", f"must be between 0 and {MAX_REPETITION_PENALTY}, got {s.repetition_penalty}")
+    penalty = s.repetition_penalty
+    if not math.isfinite(penalty) or not (penalty == 0 or MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY):
+        raise bad(
+            "repetition_penalty",
+            f"must be 0 (off) or between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY}, got {penalty}",
+        )
     if s.logprobs > MAX_LOGPROBS:
         raise bad("logprobs", f"at most {MAX_LOGPROBS} top log-probabilities per token, got {s.logprobs}")
     if len(s.stop) > MAX_STOP_STRINGS:

@@ -64,6 +64,9 @@ REFUSAL_FIELD = {
 @dataclass
 class ServingState:
     draining: bool = False
+    # Chat/Generate calls admitted and not yet finished, uploads and preparation included: the drain
+    # on SIGTERM waits for these, not only for requests already on a worker.
+    in_flight: int = 0
 
 
 @dataclass
@@ -142,9 +145,15 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
         except ApiError as exc:
             await self._abort(context, exc)
 
-    def _check_serving(self) -> None:
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
         if self.state.draining:
             raise unavailable("the server is shutting down; retry on another replica")
+        self.state.in_flight += 1
+        try:
+            yield
+        finally:
+            self.state.in_flight -= 1
 
     # --- RPCs ------------------------------------------------------------------------------------
 
@@ -166,23 +175,23 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     # --- bodies ----------------------------------------------------------------------------------
 
     async def _generate_inline(self, request: pb.GenerateRequest) -> AsyncIterator[Response]:
-        self._check_serving()
-        check_image_limits(self.config, [len(b) for b in request.images])
-        call = Call(
-            messages=convert_messages(request.messages),
-            images=tuple(request.images),
-            sampling=request.sampling,
-            num_crops=resolve_num_crops(request.image_options),
-            request_id=request.request_id,
-        )
-        async for item in self._run(call, pb.GenerateResponse):
-            yield item
+        with self._admitted():
+            check_image_limits(self.config, [len(b) for b in request.images])
+            call = Call(
+                messages=convert_messages(request.messages),
+                images=tuple(request.images),
+                sampling=request.sampling,
+                num_crops=resolve_num_crops(request.image_options),
+                request_id=request.request_id,
+            )
+            async for item in self._run(call, pb.GenerateResponse):
+                yield item
 
     async def _chat(self, requests: AsyncIterator[pb.ChatRequest]) -> AsyncIterator[pb.ChatResponse]:
-        self._check_serving()
-        call = await self._read_upload(requests)
-        async for item in self._run(call, pb.ChatResponse):
-            yield item
+        with self._admitted():
+            call = await self._read_upload(requests)
+            async for item in self._run(call, pb.ChatResponse):
+                yield item
 
     async def _read_upload(self, requests: AsyncIterator[pb.ChatRequest]) -> Call:
         it = requests.__aiter__()

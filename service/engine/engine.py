@@ -144,6 +144,7 @@ class Engine:
         return None
 
     def step(self) -> list[RequestOutput]:
+        self.last_step = StepStats()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []

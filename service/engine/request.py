@@ -30,7 +30,8 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below this a softmax of logits / temperature overflows to inf/NaN: it is argmax anyway.
+        return self.temperature < 1e-5
 
 
 @dataclass(frozen=True)

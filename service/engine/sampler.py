@@ -65,7 +65,10 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
         top_p = torch.tensor([r.options.top_p if 0 < r.options.top_p < 1 else 1.0 for r in sub_rows], dtype=sub.dtype)
         probs = _filter_top_k_top_p(sub / temps[:, None], top_k, top_p).softmax(dim=-1)
         for j, (i, row) in enumerate(zip(sampled_idx, sub_rows)):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=row.generator).item()
+            p = probs[j]
+            if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
+                continue  # degenerate distribution (overflow): keep the argmax rather than fail the batch
+            chosen[i] = torch.multinomial(p, 1, generator=row.generator).item()
 
     token_ids = chosen.tolist()
     outputs = [TokenOutput(t) for t in token_ids]

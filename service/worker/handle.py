@@ -29,6 +29,8 @@ class WorkerState:
     info: WorkerReady | None = None
     stats: EngineStats | None = None
     restarts: int = 0
+    ever_ready: bool = False  # this worker has served before: a death is a crash to heal, not a bad setup
+    failures_since_ready: int = 0  # deaths since it was last ready (restart backoff)
 
 
 class WorkerHandle:
@@ -48,6 +50,7 @@ class WorkerHandle:
         self.process: mp.process.BaseProcess | None = None
         self.state = WorkerState()
         self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def alive(self) -> bool:
@@ -64,6 +67,7 @@ class WorkerHandle:
         child.close()  # so the parent end sees EOF when the worker dies
         self._conn = parent
         self.state.ready = False
+        self.state.info = None
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -73,7 +77,8 @@ class WorkerHandle:
             while conn.poll():
                 msg = conn.recv()
                 if isinstance(msg, WorkerReady):
-                    self.state.ready = True
+                    self.state.ready = self.state.ever_ready = True
+                    self.state.failures_since_ready = 0
                     self.state.info = msg
                     self.state.stats = msg.stats
                 self._on_message(self, msg)
@@ -87,16 +92,37 @@ class WorkerHandle:
         asyncio.get_running_loop().remove_reader(conn.fileno())
         conn.close()
         self.state.ready = False
-        if self.process is not None:
-            self.process.join(timeout=5)
-        code = self.process.exitcode if self.process else None
+        self._spawn(self._reap())
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self) -> None:
+        """Wait for the dead worker off the event loop (a device teardown can take seconds), then report."""
+        proc = self.process
+        if proc is not None:
+            await asyncio.get_running_loop().run_in_executor(self._sender, proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.get_running_loop().run_in_executor(self._sender, proc.join, 10)
+        code = proc.exitcode if proc else None
         (log.info if self._stopping else log.warning)("%s (pid %s) exited with code %s", self.name, self.pid, code)
         if not self._stopping:
+            self.state.failures_since_ready += 1
             self._on_exit(self)
 
     def restart(self) -> None:
+        """Start again after a back-off that grows while restarts keep failing (1 s, 2 s, ... 30 s)."""
+        delay = 0.0 if self.state.failures_since_ready <= 1 else min(30.0, 2.0 ** (self.state.failures_since_ready - 1))
         self.state.restarts += 1
-        self.start()
+        self._spawn(self._start_after(delay))
+
+    async def _start_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            self.start()
 
     async def send(self, msg: Any) -> None:
         conn = self._conn

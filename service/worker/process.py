@@ -35,17 +35,27 @@ from .protocol import (
 log = logging.getLogger("visionchat.worker")
 
 
-def _warmup_request(eos_token_id: int, side: int = 64, num_crops: int = 1, text_tokens: int = 8) -> EngineRequest:
-    """A text+image request that runs every kernel (decoder, vision tower, sampler) once."""
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side * 3 // 4), (120, 30, 200)).save(buf, format="PNG")
+def _warmup_request(
+    eos_token_id: int, capacity_tokens: int, image_budget: int, side: int = 64, num_crops: int = 1, text_tokens: int = 8
+) -> EngineRequest:
+    """A text+image request that runs every kernel (decoder, vision tower, sampler) once, shrunk to
+    whatever the worker's limits allow (the image is left out if it cannot fit)."""
+    template = 8  # <s><|user|>\n ... \n<|end|>\n<|assistant|> and the 2 generated tokens
     n = num_image_tokens(side, side * 3 // 4, num_crops)
-    # <s><|user|>\n, the image, then filler text tokens and <|end|>\n<|assistant|>.
-    prompt = (1, 32010, *([-1] * n), 1, *([29871] * text_tokens), 13, 32007, 29871, 13, 32001)
+    if n > image_budget or n + 1 + template >= capacity_tokens:
+        n = 0
+    text_tokens = max(1, min(text_tokens, capacity_tokens - template - n - 1))
+    images: tuple[ImagePayload, ...] = ()
+    if n:
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side * 3 // 4), (120, 30, 200)).save(buf, format="PNG")
+        images = (ImagePayload(buf.getvalue(), num_crops, n),)
+    image_part = (*([-1] * n), 1) if n else ()
+    prompt = (1, 32010, *image_part, *([29871] * text_tokens), 13, 32007, 29871, 13, 32001)
     return EngineRequest(
         request_id="__warmup__",
         prompt_ids=prompt,
-        images=(ImagePayload(buf.getvalue(), num_crops, n),),
+        images=images,
         sampling=SamplingOptions(max_new_tokens=2, eos_token_ids=frozenset({eos_token_id})),
         arrival_time=time.time(),
     )
@@ -62,7 +72,14 @@ def _kv_budget(settings: WorkerSettings, model: Phi3VForCausalLM, backend: Atten
     if settings.kv_cache_fraction <= 0 or device.type == "cpu":
         return settings.kv_cache_memory
     mem = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
-    probe = _warmup_request(model.config.eos_token_id, side=4 * 336, num_crops=16, text_tokens=settings.max_num_batched_tokens)
+    probe = _warmup_request(
+        model.config.eos_token_id,
+        settings.max_model_len,
+        settings.max_image_embed_tokens,
+        side=4 * 336,
+        num_crops=16,
+        text_tokens=settings.max_num_batched_tokens,
+    )
     spec = KVCacheSpec.for_model(model.config, settings.block_size, model.dtype)
     probe_blocks = blocks_needed(len(probe.prompt_ids) + 2, settings.block_size)
     mem.empty_cache()
@@ -104,7 +121,8 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
     model, report = load_model(settings.model_dir, dtype, device, progress=settings.log_format == "text")
     backend = select_attention_backend(settings.attention_backend, device)
     engine = Engine(model, _engine_config(settings, _kv_budget(settings, model, backend)), backend)
-    engine.run_to_completion([_warmup_request(model.config.eos_token_id)])
+    capacity = min(settings.max_model_len, engine.pool.num_blocks * settings.block_size)
+    engine.run_to_completion([_warmup_request(model.config.eos_token_id, capacity, settings.max_image_embed_tokens)])
     conn.send(
         WorkerReady(
             device=str(device),
