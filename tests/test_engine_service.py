@@ -94,13 +94,18 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
         frames = [image_bytes("A_640x480")] * 20
         big = generate_request("Describe what happens across these frames.", frames, num_crops=4, max_new_tokens=4, ignore_eos=True)
         text_times: list[float] = []
+        big_done = threading.Event()
 
         def stream_text() -> None:
+            # Long enough to outlast the big request (and with it still under the KV pool: 15.2k + 1.5k
+            # tokens of ~18.6k, so nothing is preempted); cancelled once that is done.
             with grpc.insecure_channel(proc.address) as ch:
-                req = generate_request("Write a haiku about the sea.", max_new_tokens=400, ignore_eos=True)
+                req = generate_request("Write a haiku about the sea.", max_new_tokens=1500, ignore_eos=True)
                 for r in pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=300):
                     if r.HasField("delta") and r.delta.tokens:
                         text_times.append(time.time())
+                    if big_done.is_set():
+                        break
 
         streamer = threading.Thread(target=stream_text)
         streamer.start()
@@ -131,6 +136,7 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
                 collect(stub.Generate(too_big, timeout=60))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "KV blocks" in info.value.details() and "pool has" in info.value.details()
+        big_done.set()
         streamer.join(300)
         proc.wait_idle()
     finally:
