@@ -53,7 +53,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", str, "auto", "Compute dtype: auto (fp32 on CPU, bf16 on accelerators), float32, bfloat16, float16"),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
     Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
-    Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of free device memory for the KV pool after a profiling step (overrides --kv-cache-memory when > 0)"),
+    Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV pool, measured by a profiling step); overrides --kv-cache-memory when > 0"),
     Option("block-size", int, 16, "Tokens per KV-cache block"),
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
     Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
