@@ -137,9 +137,9 @@ class Router:
                 request.sampling.max_new_tokens,
                 settings.max_model_len,
                 stats.kv_blocks_total,
-                settings.block_size,
+                settings.config.block_size,
                 max((img.num_tokens for img in request.images), default=0),
-                settings.max_image_embed_tokens,
+                settings.config.max_image_embed_tokens,
             )
         stream = RequestStream(request.request_id, worker)
         self.streams[request.request_id] = stream

@@ -115,19 +115,9 @@ class VisionChatServer:
                 index=i,
                 device=device,
                 model_dir=str(self.model_dir),
-                dtype=config.dtype,
-                attention_backend=config.attention_backend,
-                kv_cache_memory=config.kv_cache_memory,
-                kv_cache_fraction=config.kv_cache_fraction,
-                block_size=config.block_size,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_num_seqs=config.max_num_seqs,
-                max_vision_crops=config.max_vision_crops,
-                max_image_embed_tokens=config.max_image_embed_tokens,
                 max_model_len=self.context_len,
                 num_threads=config.cpu_threads if config.cpu_threads > 0 and device == "cpu" else threads[i],
-                log_level=config.log_level,
-                log_format=config.log_format,
+                config=config,
             )
             for i, device in enumerate(devices)
         ]

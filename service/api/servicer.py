@@ -399,7 +399,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
                     alive=w.alive,
                     kv_blocks_total=stats.kv_blocks_total if stats else 0,
                     kv_blocks_free=stats.kv_blocks_free if stats else 0,
-                    kv_block_size=w.settings.block_size,
+                    kv_block_size=w.settings.config.block_size,
                     running_requests=stats.num_running if stats else 0,
                     waiting_requests=stats.num_waiting if stats else 0,
                 )

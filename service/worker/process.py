@@ -69,29 +69,29 @@ def _kv_budget(settings: WorkerSettings, model: Phi3VForCausalLM, backend: Atten
     fraction of total device memory less this process's peak during that profile (weights,
     activations, workspace), as vLLM's gpu_memory_utilization does."""
     device = model.device
-    if settings.kv_cache_fraction <= 0 or device.type == "cpu":
-        return settings.kv_cache_memory
+    if settings.config.kv_cache_fraction <= 0 or device.type == "cpu":
+        return settings.config.kv_cache_memory
     mem = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
     probe = _warmup_request(
         model.config.eos_token_id,
         settings.max_model_len,
-        settings.max_image_embed_tokens,
+        settings.config.max_image_embed_tokens,
         side=4 * 336,
         num_crops=16,
-        text_tokens=settings.max_num_batched_tokens,
+        text_tokens=settings.config.max_num_batched_tokens,
     )
-    spec = KVCacheSpec.for_model(model.config, settings.block_size, model.dtype)
-    probe_blocks = blocks_needed(len(probe.prompt_ids) + 2, settings.block_size)
+    spec = KVCacheSpec.for_model(model.config, settings.config.block_size, model.dtype)
+    probe_blocks = blocks_needed(len(probe.prompt_ids) + 2, settings.config.block_size)
     mem.empty_cache()
     mem.reset_peak_memory_stats(device)
     Engine(model, _engine_config(settings, spec.bytes_per_block * probe_blocks), backend).run_to_completion([probe])
     peak = mem.max_memory_allocated(device)
     mem.empty_cache()
     _free, total = mem.mem_get_info(device)
-    budget = int(total * settings.kv_cache_fraction) - peak
+    budget = int(total * settings.config.kv_cache_fraction) - peak
     if budget < spec.bytes_per_block:
         raise RuntimeError(
-            f"--kv-cache-fraction {settings.kv_cache_fraction}: {total * settings.kv_cache_fraction / 2**30:.1f} GiB "
+            f"--kv-cache-fraction {settings.config.kv_cache_fraction}: {total * settings.config.kv_cache_fraction / 2**30:.1f} GiB "
             f"of {device} leaves nothing for the KV cache after a peak of {peak / 2**30:.1f} GiB"
         )
     return budget
@@ -101,28 +101,28 @@ def _engine_config(settings: WorkerSettings, kv_bytes: int) -> EngineConfig:
     return EngineConfig(
         max_model_len=settings.max_model_len,
         kv_cache_memory_bytes=kv_bytes,
-        block_size=settings.block_size,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_num_seqs=settings.max_num_seqs,
-        max_vision_crops=settings.max_vision_crops,
-        max_image_embed_tokens=settings.max_image_embed_tokens,
+        block_size=settings.config.block_size,
+        max_num_batched_tokens=settings.config.max_num_batched_tokens,
+        max_num_seqs=settings.config.max_num_seqs,
+        max_vision_crops=settings.config.max_vision_crops,
+        max_image_embed_tokens=settings.config.max_image_embed_tokens,
     )
 
 
 def worker_main(conn: Connection, settings: WorkerSettings) -> None:
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.config.log_format, settings.config.log_level)
     torch.set_num_threads(settings.num_threads)
     if settings.device.startswith("npu"):
         import torch_npu  # noqa: F401  (optional extra, imported only where it runs; registers the device)
 
     device = torch.device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.config.dtype, device)
     # The shard progress bar is for people watching a terminal, not for JSON log pipelines.
-    model, report = load_model(settings.model_dir, dtype, device, progress=settings.log_format == "text")
-    backend = select_attention_backend(settings.attention_backend, device)
+    model, report = load_model(settings.model_dir, dtype, device, progress=settings.config.log_format == "text")
+    backend = select_attention_backend(settings.config.attention_backend, device)
     engine = Engine(model, _engine_config(settings, _kv_budget(settings, model, backend)), backend)
-    capacity = min(settings.max_model_len, engine.pool.num_blocks * settings.block_size)
-    engine.run_to_completion([_warmup_request(model.config.eos_token_id, capacity, settings.max_image_embed_tokens)])
+    capacity = min(settings.max_model_len, engine.pool.num_blocks * settings.config.block_size)
+    engine.run_to_completion([_warmup_request(model.config.eos_token_id, capacity, settings.config.max_image_embed_tokens)])
     conn.send(
         WorkerReady(
             device=str(device),

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import ServerConfig
 from ..engine import EngineRequest, EngineStats, RequestOutput
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
+    """One worker's start-up: the server's configuration plus what the frontend resolved for it."""
+
     index: int
     device: str
-    model_dir: str
-    dtype: str
-    attention_backend: str
-    kv_cache_memory: int
-    kv_cache_fraction: float
-    block_size: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_vision_crops: int
-    max_image_embed_tokens: int
-    max_model_len: int
+    model_dir: str  # the embedded default model's folder when --model is empty
+    max_model_len: int  # --max-context-tokens, or the model's context length
     num_threads: int
-    log_level: str = "INFO"
-    log_format: str = "text"
+    config: ServerConfig
 
 
 @dataclass(frozen=True)
