@@ -44,9 +44,14 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> Non
     while proc.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
         assert time.time() < deadline, "health did not go NOT_SERVING after SIGTERM"
         time.sleep(0.02)
-    with grpc.insecure_channel(proc.address) as ch, pytest.raises(grpc.RpcError) as info:
-        collect(pb_grpc.VisionChatServiceStub(ch).Generate(generate_request("hello", max_new_tokens=2), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(proc.address) as ch:
+        stub = pb_grpc.VisionChatServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            collect(stub.Generate(generate_request("hello", max_new_tokens=2), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER, text="hi")]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     t.join(120)
     assert len(result["ids"]) == 400  # type: ignore[arg-type]

@@ -130,6 +130,9 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Awaitable[T]) -> T:
         try:
             with self._observe(method, "unary"):
+                if self.state.draining:
+                    body.close()  # type: ignore[attr-defined]  (never awaited)
+                    raise unavailable("the server is shutting down; retry on another replica")
                 return await body
         except ApiError as exc:
             await self._abort(context, exc)
