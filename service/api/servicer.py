@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,13 +127,12 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ApiError) -> None:
         await context.abort(exc.status.code, exc.status.details, exc.status.trailing_metadata)
 
-    async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Awaitable[T]) -> T:
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
         try:
             with self._observe(method, "unary"):
                 if self.state.draining:
-                    body.close()  # type: ignore[attr-defined]  (never awaited)
                     raise unavailable("the server is shutting down; retry on another replica")
-                return await body
+                return await body()
         except ApiError as exc:
             await self._abort(context, exc)
             raise  # unreachable: abort raises
@@ -170,10 +169,10 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
             yield response
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
-        return await self._unary("CountTokens", context, self._count_tokens(request))
+        return await self._unary("CountTokens", context, lambda: self._count_tokens(request))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
-        return await self._unary("GetModelInfo", context, self._model_info())
+        return await self._unary("GetModelInfo", context, self._model_info)
 
     # --- bodies ----------------------------------------------------------------------------------
 
