@@ -39,10 +39,11 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """Per layer one tensor (2, num_blocks, block_size, kv_heads, head_dim): keys then values."""
+    """Per layer one tensor (2, kv_heads, num_blocks, block_size, head_dim): keys then values,
+    head-major so that a sequence's gathered keys are contiguous per head."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (2, spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
         self.layers = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
