@@ -79,8 +79,7 @@ class ModelRunner:
             index.append(torch.arange(base + a - lo, base + b - lo))
         return rows, index
 
-    def _slots(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(seq.block_ids, dtype=torch.long)
+    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def build_step(self, chunks: list[ScheduledChunk], stats: StepStats) -> tuple[StepInputs, list[ScheduledChunk]]:
@@ -97,20 +96,21 @@ class ModelRunner:
             seq, n = chunk.seq, chunk.num_tokens
             lo, hi = seq.num_computed_tokens, seq.num_computed_tokens + n
             pos = torch.arange(lo, hi)
+            table = torch.tensor(seq.block_ids, dtype=torch.long)
             ids.append(torch.tensor(seq.token_ids[lo:hi], dtype=torch.long))
             positions.append(pos)
             long_flags.append(torch.full((n,), seq.wants_long_rope, dtype=torch.bool))
-            slots.append(self._slots(seq, pos))
+            slots.append(self._slots(table, pos))
             if seq.image_spans and lo < seq.num_prompt_tokens:
                 rows, index = self._image_rows(seq, lo, hi, flat, stats)
                 image_rows += rows
                 image_index += index
             if n == 1:
-                decode_tables.append(seq.block_ids)
+                decode_tables.append(table)
                 decode_lens.append(hi)
             else:
-                table = torch.tensor(seq.block_ids[: -(-hi // self.block_size)], dtype=torch.long)
-                prefills.append(PrefillSpan(start=flat, num_tokens=n, context_len=hi, block_table=table.to(self.device)))
+                used = table[: -(-hi // self.block_size)]
+                prefills.append(PrefillSpan(start=flat, num_tokens=n, context_len=hi, block_table=used.to(self.device)))
             flat += n
             if chunk.completes_known_tokens:
                 logits_index.append(flat - 1)
@@ -121,7 +121,7 @@ class ModelRunner:
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.zeros((nd, max_blocks), dtype=torch.long)
         for i, t in enumerate(decode_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            tables[i, : len(t)] = t
         lens = torch.tensor(decode_lens, dtype=torch.long)
         mask = torch.arange(max_blocks * self.block_size)[None, :] < lens[:, None]
         dev = self.device

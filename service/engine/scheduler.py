@@ -93,8 +93,8 @@ class Scheduler:
             return
         self.pool.take(blocks)
         seq.block_ids = blocks
-        seq.num_computed_tokens = seq.num_registered_blocks = len(blocks)
-        seq.num_computed_tokens *= bs
+        seq.num_registered_blocks = len(blocks)
+        seq.num_computed_tokens = len(blocks) * bs
         seq.kv_long_rope = long_rope
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -107,9 +107,7 @@ class Scheduler:
     def _sync_long_rope(self, seq: Sequence) -> None:
         # Crossing the original context while decoding: recompute every key with the long factors.
         if seq.num_computed_tokens and seq.kv_long_rope != seq.wants_long_rope:
-            self.pool.free(seq.block_ids)
-            seq.block_ids = []
-            seq.reset_computation()
+            self._free(seq)
 
     def _fit_image_budget(self, seq: Sequence, n: int, rows_left: int) -> tuple[int, int]:
         """Shorten a chunk so the images it would encode fit the embedding budget; (tokens, new rows)."""

@@ -35,7 +35,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: cache slot (block * block_size + offset) of every token
     num_decode_tokens: int  # tokens [0, num_decode_tokens) are single-token decodes
     decode_block_tables: torch.Tensor  # (num_decode, max_blocks) int64, padded with block 0
-    decode_context_lens: torch.Tensor  # (num_decode,) int64
+    decode_context_lens: torch.Tensor  # (num_decode,) int64; what paged kernels take instead of the mask
     decode_mask: torch.Tensor  # (num_decode, 1, 1, max_blocks * block_size) bool: True = attend
     prefills: list[PrefillSpan]
 
