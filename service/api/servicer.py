@@ -232,7 +232,6 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
         for k, buf in enumerate(buffers):
             if not buf:
                 raise invalid_argument(f"images[{k}]", "no bytes were received for this image")
-        check_image_limits(self.config, [len(b) for b in buffers])
         return Call(
             messages=convert_messages(start.messages),
             images=tuple(bytes(b) for b in buffers),
