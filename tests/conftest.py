@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from harness import TINY_MODEL, ServerProcess
+from service.model import Phi3VForCausalLM, load_model, select_attention_backend
+from service.model.attention import AttentionBackend
 
 # Limits small enough that the bad-input tests can cross them cheaply.
 API_SERVER_ARGS = [
@@ -45,3 +47,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model() -> Phi3VForCausalLM:
+    """The fixture checkpoint in float32 on the CPU, for in-process model and engine tests."""
+    m, _ = load_model(TINY_MODEL, torch.float32, torch.device("cpu"), progress=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def backend() -> AttentionBackend:
+    return select_attention_backend("auto", torch.device("cpu"))

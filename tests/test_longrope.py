@@ -20,7 +20,7 @@ from service.engine.kv_cache import blocks_needed
 from service.engine.model_runner import StepStats
 from service.engine.scheduler import ScheduledChunk, Scheduler
 from service.engine.sequence import Sequence
-from service.model import load_model, load_model_config, select_attention_backend
+from service.model import load_model_config
 from service.model.rope import LongRoPE
 
 CHECKPOINT = Path(__file__).parent / "fixtures" / "tiny-phi35v"
@@ -31,17 +31,6 @@ TOL = 1e-3
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    m, _ = load_model(CHECKPOINT, torch.float32, CPU, progress=False)
-    return m
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return select_attention_backend("auto", CPU)
 
 
 def make_engine(model, backend, chunk: int = 8192, max_len: int = 8192) -> Engine:

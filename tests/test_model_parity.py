@@ -23,7 +23,6 @@ from service.engine.kv_cache import blocks_needed
 from service.engine.model_runner import StepStats
 from service.engine.scheduler import ScheduledChunk, Scheduler
 from service.engine.sequence import Sequence
-from service.model import load_model, select_attention_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
@@ -73,17 +72,6 @@ def _load_case(name: str) -> GoldenCase:
 @pytest.fixture(scope="module")
 def cases() -> dict[str, GoldenCase]:
     return {name: _load_case(name) for name in CASES}
-
-
-@pytest.fixture(scope="module")
-def model():
-    m, _ = load_model(CHECKPOINT, torch.float32, CPU, progress=False)
-    return m
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return select_attention_backend("auto", CPU)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import torch
 from harness import TINY_MODEL, image_bytes
 from service.engine import Engine, EngineConfig, EngineRequest, ImagePayload, SamplingOptions
 from service.engine.block_pool import BlockPool
-from service.model import load_model, select_attention_backend
+from service.model import select_attention_backend
 from service.processor.image import num_image_tokens
 from service.processor.prompt import ChatMessage, PromptBuilder
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
-    m, _ = load_model(TINY_MODEL, torch.float32, torch.device("cpu"), progress=False)
-    return m
 
 
 @pytest.fixture(scope="module")
