@@ -9,7 +9,7 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps node-deps stubs serve demo test bench lint clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY_VERSION) -m venv $(VENV)
@@ -59,6 +59,15 @@ demo: setup
 # Serving benchmark: concurrent streams side by side with one-at-a-time (see README, Performance).
 bench: setup
 	$(PY) bench/serving.py $(BENCH_ARGS)
+
+# A text stream's latency alone and next to heavy callers (8 MB prompts, 40-megapixel PNG floods, photos).
+bench-isolation: setup
+	$(PY) bench/isolation.py $(BENCH_ARGS)
+
+# Mixed clients for SOAK_MINUTES (default 30); RSS of every server process over time and its slope.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 test: stubs
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

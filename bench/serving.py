@@ -159,7 +159,7 @@ def raw_forward_rate(model_dir: Path, batch: int, context: int, steps: int, thre
     import torch
 
     from service.engine import Engine, EngineConfig
-    from service.engine.scheduler import ScheduledChunk
+    from service.engine.scheduler import ScheduledChunk, SchedulerOutput
     from service.engine.sequence import Sequence
     from service.engine.request import EngineRequest, SamplingOptions
     from service.model import load_model, select_attention_backend
@@ -175,11 +175,11 @@ def raw_forward_rate(model_dir: Path, batch: int, context: int, steps: int, thre
         seq.num_computed_tokens = context - 1  # pretend the prompt is cached: time pure decode steps
         seqs.append(seq)
     with torch.inference_mode():
-        chunks = [ScheduledChunk(s, 1) for s in seqs]
-        engine.runner.execute(chunks)
+        plan = SchedulerOutput(chunks=[ScheduledChunk(s, 1) for s in seqs])
+        engine.runner.execute(plan, {}, {})
         t0 = time.perf_counter()
         for _ in range(steps):
-            engine.runner.execute(chunks)
+            engine.runner.execute(plan, {}, {})
         wall = time.perf_counter() - t0
     return batch * steps / wall
 

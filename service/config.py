@@ -23,10 +23,6 @@ def parse_bytes(text: str) -> int:
     return int(float(s))
 
 
-def parse_bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class Option:
     name: str  # flag without dashes, with dashes between words
@@ -49,17 +45,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", int, 50051, "gRPC port (0 = pick a free one)"),
     Option("metrics-port", int, 9090, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)"),
     Option("devices", str, "auto", "auto | cpu | cpu,cpu | cuda:0,cuda:1 | npu:0,... : one worker process per entry"),
-    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = the host's cores less one (kept for the frontend), split between CPU workers"),
-    Option("dtype", str, "auto", "Compute dtype: auto (fp32 on CPU, bf16 on accelerators), float32, bfloat16, float16"),
+    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = OMP_NUM_THREADS if set, else the usable CPUs (affinity and cgroup quota) split between CPU workers"),
+    Option("dtype", str, "auto", "Compute dtype: auto (CPU: bf16 where the CPU has AVX512-BF16 or AMX, else fp32; GPU: bf16 where native, else fp16), float32, bfloat16, float16"),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
+    Option("cpu-gemm", str, "auto", "CPU matmul path of the model's Linears: auto (measured per weight shape at start-up), dense (torch/MKL) or onednn (prepacked weights)"),
     Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
     Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV pool, measured by a profiling step); overrides --kv-cache-memory when > 0"),
     Option("block-size", int, 16, "Tokens per KV-cache block"),
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
     Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
     Option("max-vision-crops", int, 16, "336-px crops per vision-tower forward (micro-batch)"),
-    Option("max-image-embed-tokens", int, 32768, "Image embedding rows a worker holds at once (computed when prefill reaches an image, dropped once consumed)"),
-    Option("max-queued-requests", int, 256, "Requests waiting for a worker before new ones get RESOURCE_EXHAUSTED"),
+    Option("vision-tiles-per-step", int, 0, "336-px crops one engine step may encode; 0 = the platform's choice (CPU: as many as take ~0.25 s, measured at start-up)"),
+    Option("max-image-embed-tokens", int, 32768, "Encoder cache of a worker, in image embedding rows: images being prefilled, then recently used ones (least recently used out first)"),
+    Option("max-queued-requests", int, 256, "Requests accepted but without a first token yet (preprocessing, waiting for a worker, in prefill); past it new ones get RESOURCE_EXHAUSTED"),
+    Option("preprocess-workers", int, 0, "Processes decoding images and tokenizing long prompts; 0 = the usable CPUs"),
+    Option("max-preprocess-queue", int, 64, "Requests queued or running in the preprocessing pool; past it new ones get RESOURCE_EXHAUSTED"),
+    Option("max-pixel-memory", parse_bytes, "2GiB", "Preprocessed image crops held in shared memory for requests in flight; past it new image requests get RESOURCE_EXHAUSTED"),
+    Option("worker-stall-timeout", float, 120.0, "Seconds a worker with work may report no engine step before it is killed and restarted (its requests without tokens move to another worker); 0 = off"),
+    Option("upload-idle-timeout", float, 30.0, "Seconds a Chat upload may send nothing before it fails with DEADLINE_EXCEEDED"),
+    Option("max-concurrent-uploads", int, 64, "Chat uploads in progress at once; past it new ones get RESOURCE_EXHAUSTED"),
     Option("max-images", int, 32, "Images per request"),
     Option("max-image-bytes", parse_bytes, "20MiB", "Encoded bytes per image"),
     Option("max-total-image-bytes", parse_bytes, "100MiB", "Encoded image bytes per request"),
@@ -87,14 +91,22 @@ class ServerConfig:
     cpu_threads: int
     dtype: str
     attention_backend: str
+    cpu_gemm: str
     kv_cache_memory: int
     kv_cache_fraction: float
     block_size: int
     max_num_batched_tokens: int
     max_num_seqs: int
     max_vision_crops: int
+    vision_tiles_per_step: int
     max_image_embed_tokens: int
     max_queued_requests: int
+    preprocess_workers: int
+    max_preprocess_queue: int
+    max_pixel_memory: int
+    worker_stall_timeout: float
+    upload_idle_timeout: float
+    max_concurrent_uploads: int
     max_images: int
     max_image_bytes: int
     max_total_image_bytes: int
@@ -147,6 +159,14 @@ def validate(config: ServerConfig) -> None:
         problems.append("--kv-cache-fraction must be in [0, 1)")
     if config.default_max_new_tokens > config.max_new_tokens:
         problems.append("--default-max-new-tokens exceeds --max-new-tokens")
+    if config.cpu_gemm not in ("auto", "dense", "onednn"):
+        problems.append("--cpu-gemm must be auto, dense or onednn")
+    if config.vision_tiles_per_step < 0 or config.preprocess_workers < 0:
+        problems.append("--vision-tiles-per-step and --preprocess-workers must be >= 0")
+    if config.max_preprocess_queue < 1 or config.max_concurrent_uploads < 1 or config.max_queued_requests < 1:
+        problems.append("--max-preprocess-queue, --max-concurrent-uploads and --max-queued-requests must be >= 1")
+    if config.worker_stall_timeout < 0 or config.upload_idle_timeout <= 0:
+        problems.append("--worker-stall-timeout must be >= 0 and --upload-idle-timeout > 0")
     if problems:
         raise SystemExit("configuration error: " + "; ".join(problems))
 

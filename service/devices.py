@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .platform.cpu_cores import usable_cpus
+
 
 def _cuda_count() -> int:
     import torch
@@ -17,8 +19,10 @@ def _npu_count() -> int:
     if importlib.util.find_spec("torch_npu") is None:
         return 0
     import torch
-    import torch_npu  # noqa: F401  (registers the npu device)
 
+    from .platform.npu import import_torch_npu
+
+    import_torch_npu()
     return torch.npu.device_count() if torch.npu.is_available() else 0  # type: ignore[attr-defined]
 
 
@@ -48,12 +52,19 @@ def resolve_devices(spec: str) -> list[str]:
     return devices
 
 
-def cpu_threads_per_worker(devices: list[str]) -> dict[int, int]:
-    """Split the host's cores between CPU workers so they do not oversubscribe each other."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def cpu_threads_per_worker(devices: list[str], configured: int = 0, cpus: int | None = None) -> dict[int, int]:
+    """Torch threads of each worker: --cpu-threads, else OMP_NUM_THREADS, else the usable CPUs split
+    between CPU workers. The frontend gets no reserved core: measured on 2 cores, its event loop
+    idles while the model computes, and the worker's second thread is worth more (see README,
+    Performance)."""
+    cpus = usable_cpus() if cpus is None else cpus
+    omp = os.environ.get("OMP_NUM_THREADS", "")
     cpu_workers = [i for i, d in enumerate(devices) if d == "cpu"]
-    # One core stays with the frontend: gRPC streaming, tokenization and detokenization run there,
-    # and a worker whose threads fight it for that core slows every stream.
-    share = max(1, (cores - 1) // max(1, len(cpu_workers)))
+    if configured > 0:
+        share = configured
+    elif omp.isdigit() and int(omp) > 0:
+        share = int(omp)
+    else:
+        share = max(1, cpus // max(1, len(cpu_workers)))
     # Accelerator workers only feed their device: a couple of threads is plenty.
-    return {i: (share if d == "cpu" else min(4, cores)) for i, d in enumerate(devices)}
+    return {i: (share if d == "cpu" else min(4, cpus)) for i, d in enumerate(devices)}

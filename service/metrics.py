@@ -9,8 +9,11 @@ with a `visionchat_` prefix.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from .engine import EngineStats
 from .worker.handle import WorkerHandle
 from .worker.protocol import StepReport, WorkerReady
 
@@ -47,6 +50,10 @@ class Metrics:
         self.kv_cached = Gauge(p + "prefix_cache_blocks", "KV-cache blocks whose content is kept for prefix reuse (held or free)", w, registry=r)
         self.kv_total = Gauge(p + "kv_cache_total_blocks", "KV-cache blocks in the pool", w, registry=r)
         self.workers_alive = Gauge(p + "workers_alive", "Worker processes that are up and ready", registry=r)
+        self.preprocess_pending = Gauge(p + "preprocess_queue_requests", "Requests queued or running in the preprocessing pool", registry=r)
+        self.pixel_memory = Gauge(p + "pixel_memory_bytes", "Preprocessed image crops held in shared memory for requests in flight", registry=r)
+        self.uploads = Gauge(p + "uploads_in_progress", "Chat uploads in progress", registry=r)
+        self.encoder_cache_rows = Gauge(p + "encoder_cache_rows", "Image embedding rows a worker's encoder cache holds (in use or kept for reuse)", w, registry=r)
 
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", w, registry=r)
         self.cached_tokens = Counter(p + "prefix_cache_hit_tokens", "Prompt tokens of finished requests whose KV came from the prefix cache", w, registry=r)
@@ -56,6 +63,13 @@ class Metrics:
         self.failed = Counter(p + "request_failures", "Requests that ended with a gRPC error, by code", ["code"], registry=r)
         self.preemptions = Counter(p + "num_preemptions", "Sequences preempted (KV freed, recomputed later)", w, registry=r)
         self.restarts = Counter(p + "worker_restarts", "Worker processes restarted after dying", w, registry=r)
+        self.stalls = Counter(p + "worker_stalls", "Workers killed by the watchdog for reporting no step within --worker-stall-timeout", w, registry=r)
+        self.preprocess_seconds = Histogram(p + "preprocess_seconds", "Time to decode, transform and tokenize one request in the preprocessing stage", buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess_images = Counter(p + "preprocess_images", "Images decoded and transformed by the preprocessing stage", registry=r)
+        self.worker_image_decodes = Counter(p + "worker_image_decodes", "Images decoded inside a worker process (always 0: preprocessing decodes)", w, registry=r)
+        self.vision_tiles = Counter(p + "vision_tiles", "336-px crops run through the vision tower", w, registry=r)
+        self.encoder_cache_hits = Counter(p + "encoder_cache_hits", "Images whose embedding came from the encoder cache (vision tower skipped)", w, registry=r)
+        self.encoder_cache_misses = Counter(p + "encoder_cache_misses", "Images the vision tower had to encode", w, registry=r)
 
         self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, by method and code", ["grpc_service", "grpc_method", "grpc_type", "grpc_code"], registry=r)
         self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time on the server", ["grpc_service", "grpc_method", "grpc_type"], buckets=LATENCY_BUCKETS, registry=r)
@@ -65,8 +79,30 @@ class Metrics:
             self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.vision,
             self.prompt_tokens_hist, self.image_tokens_hist, self.generation_tokens_hist, self.step_tokens,
             self.prompt_tokens, self.cached_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
+            self.stalls, self.worker_image_decodes, self.vision_tiles, self.encoder_cache_hits, self.encoder_cache_misses,
         )
-        self._preemptions_seen: dict[str, int] = {}
+        # Per worker, the last cumulative counts its engine reported (a restarted process starts at 0).
+        self._seen: dict[str, dict[str, int]] = {}
+
+    def attach(self, router: Any, state: Any, pool: Any, store: Any) -> None:
+        """Gauges read at scrape time from the objects that own the numbers."""
+        self.workers_alive.set_function(lambda: sum(w.alive for w in router.workers))
+        self.frontend_waiting.set_function(lambda: state.queued.count)
+        self.uploads.set_function(lambda: state.uploads.count)
+        self.preprocess_pending.set_function(lambda: pool.pending)
+        self.pixel_memory.set_function(lambda: store.used_bytes)
+
+    def preprocessed(self, seconds: float, images: int) -> None:
+        if seconds > 0:
+            self.preprocess_seconds.observe(seconds)
+        self.preprocess_images.inc(images)
+
+    def _advance(self, name: str, counter: Counter, key: str, value: int) -> None:
+        """Add a worker's cumulative count's growth since its last report to `counter`."""
+        seen = self._seen.setdefault(name, {})
+        if value > seen.get(key, 0):
+            counter.labels(name).inc(value - seen.get(key, 0))
+        seen[key] = value
 
     def request_finished(
         self,
@@ -103,31 +139,47 @@ class Metrics:
         # per-worker counter and histogram at 0 from the start (a no-op after a restart).
         for family in self._per_worker:
             family.labels(worker.name)
-        self._preemptions_seen[worker.name] = msg.stats.num_preemptions
+        # What the warm-up did is not service: counting starts from the ready worker's numbers.
+        cache = msg.stats.encoder_cache
+        self._seen[worker.name] = {
+            "preemptions": msg.stats.num_preemptions,
+            "hits": cache.hits if cache else 0,
+            "misses": cache.misses if cache else 0,
+        }
         self.kv_total.labels(worker.name).set(msg.stats.kv_blocks_total)
-        self._gauges(worker.name, msg.stats)
+        self._worker_stats(worker.name, msg.stats)
 
     def worker_step(self, worker: WorkerHandle, report: StepReport) -> None:
         name = worker.name
-        self._gauges(name, report.stats)
-        seen = self._preemptions_seen.get(name, 0)
-        if report.stats.num_preemptions > seen:
-            self.preemptions.labels(name).inc(report.stats.num_preemptions - seen)
-        self._preemptions_seen[name] = report.stats.num_preemptions
-        if report.step is not None and report.step.num_tokens:
-            self.step_tokens.labels(name).observe(report.step.num_tokens)
-            if report.step.num_images_encoded:
-                per_image = report.step.vision_seconds / report.step.num_images_encoded
-                for _ in range(report.step.num_images_encoded):
+        self._worker_stats(name, report.stats)
+        self._advance(name, self.worker_image_decodes, "decodes", report.image_decodes)
+        step = report.timings
+        if step is not None:
+            if step.num_tokens:
+                self.step_tokens.labels(name).observe(step.num_tokens)
+            if step.num_tiles:
+                self.vision_tiles.labels(name).inc(step.num_tiles)
+            if step.num_images_encoded:
+                per_image = step.vision_seconds / step.num_images_encoded
+                for _ in range(step.num_images_encoded):
                     self.vision.labels(name).observe(per_image)
+
+    def worker_stalled(self, worker: WorkerHandle) -> None:
+        self.stalls.labels(worker.name).inc()
 
     def worker_died(self, worker: WorkerHandle) -> None:
         self.restarts.labels(worker.name).inc()
-        self._preemptions_seen[worker.name] = 0  # the new process counts from zero
+        self._seen[worker.name] = {}  # the new process counts from zero
         self.running.labels(worker.name).set(0)
         self.waiting.labels(worker.name).set(0)
 
-    def _gauges(self, name: str, stats) -> None:  # type: ignore[no-untyped-def]
+    def _worker_stats(self, name: str, stats: EngineStats) -> None:
+        self._advance(name, self.preemptions, "preemptions", stats.num_preemptions)
+        cache = stats.encoder_cache
+        if cache is not None:
+            self._advance(name, self.encoder_cache_hits, "hits", cache.hits)
+            self._advance(name, self.encoder_cache_misses, "misses", cache.misses)
+            self.encoder_cache_rows.labels(name).set(cache.used_rows)
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.kv_free.labels(name).set(stats.kv_blocks_free)

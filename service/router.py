@@ -1,14 +1,16 @@
 """Routes requests to worker processes and their step reports back to the waiting streams.
 
 Placement: the live worker with the fewest requests not yet started, then the most free KV blocks.
-Load shedding: past `max_queued_requests` requests that have not produced a token yet, `submit`
-raises `Overloaded`. A worker that dies fails only its own requests (`WorkerLost`) and is restarted.
+A worker that dies, or that has work but reports no step within the stall timeout (the watchdog then
+kills it), loses its requests: those that had produced no token yet are retried once on another
+worker, invisibly to the client; the others fail with `WorkerLost`. The worker is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,12 +20,6 @@ from .worker.handle import WorkerHandle
 from .worker.protocol import AbortRequest, AddRequest, Rejected, StepReport, WorkerReady, WorkerSettings
 
 log = logging.getLogger("visionchat.router")
-
-
-class Overloaded(Exception):
-    def __init__(self, waiting: int, limit: int, retry_after: float) -> None:
-        super().__init__(f"{waiting} requests are waiting (limit --max-queued-requests {limit}); retry later")
-        self.retry_after = retry_after
 
 
 class NoWorkerAvailable(Exception):
@@ -39,16 +35,23 @@ class RouterObserver(Protocol):
 
     def worker_ready(self, worker: WorkerHandle, msg: WorkerReady) -> None: ...
     def worker_step(self, worker: WorkerHandle, report: StepReport) -> None: ...
+    def worker_stalled(self, worker: WorkerHandle) -> None: ...
     def worker_died(self, worker: WorkerHandle) -> None: ...
 
 
 @dataclass
 class RequestStream:
-    request_id: str
+    request: EngineRequest
     worker: WorkerHandle
     queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
-    started: bool = False
+    produced: bool = False  # the worker produced a token: the request can no longer move elsewhere
+    retried: bool = False
+    started: bool = False  # the consumer has received a token
     finished: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         """Outputs in order. Whatever queued up while the consumer was busy comes as one merged
@@ -60,41 +63,39 @@ class RequestStream:
                 if isinstance(following, Exception):
                     self.queue.put_nowait(following)  # raised on the next turn, after these tokens
                     break
-                item = _merge(item, following)
+                item = item.merged_with(following)
             if isinstance(item, Exception):
                 self.finished = True
                 raise item
-            self.started = True
+            self.started = self.started or bool(item.tokens)
             if item.finished:
                 self.finished = True
             yield item
 
 
-def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    return RequestOutput(
-        request_id=first.request_id,
-        tokens=first.tokens + second.tokens,
-        finish_reason=second.finish_reason,
-        error=second.error,
-        num_prompt_tokens=first.num_prompt_tokens,
-        num_cached_tokens=first.num_cached_tokens if first.queue_seconds is not None else second.num_cached_tokens,
-        queue_seconds=first.queue_seconds if first.queue_seconds is not None else second.queue_seconds,
-    )
-
-
 class Router:
-    def __init__(self, settings: list[WorkerSettings], max_queued_requests: int, observers: list[RouterObserver]) -> None:
-        self.workers = [WorkerHandle(s, self._on_message, self._on_exit) for s in settings]
-        self.max_queued_requests = max_queued_requests
+    def __init__(
+        self,
+        settings: list[WorkerSettings],
+        observers: list[RouterObserver],
+        context: Any,
+        stall_timeout: float,
+    ) -> None:
+        self.workers = [WorkerHandle(s, self._on_message, self._on_exit, context) for s in settings]
         self.observers = observers
+        self.stall_timeout = stall_timeout
         self.streams: dict[str, RequestStream] = {}
-        self._pending_sends: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         # Set when a worker dies before it was ever ready: a bad model or device, not a crash to retry.
         self.startup_failed = asyncio.Event()
 
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
+        if self.stall_timeout > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     @property
     def all_ready(self) -> bool:
@@ -114,34 +115,41 @@ class Router:
     def num_waiting(self) -> int:
         return sum(1 for s in self.streams.values() if not s.started)
 
-    def _choose(self) -> WorkerHandle:
-        live = [w for w in self.workers if w.alive]
+    def _choose(self, exclude: WorkerHandle | None = None) -> WorkerHandle:
+        live = [w for w in self.workers if w.alive and w is not exclude]
         if not live:
             raise NoWorkerAvailable("no worker is ready (starting or restarting); retry shortly")
         waiting = {w.name: 0 for w in live}
         for s in self.streams.values():
-            if not s.started and s.worker.name in waiting:
+            if not s.produced and s.worker.name in waiting:
                 waiting[s.worker.name] += 1
         return min(live, key=lambda w: (waiting[w.name], -(w.state.stats.kv_blocks_free if w.state.stats else 0)))
 
+    def _check_fits(self, worker: WorkerHandle, request: EngineRequest) -> None:
+        info = worker.state.info
+        if info is None:
+            return
+        config = info.engine
+        check_fits(
+            len(request.prompt_ids),
+            request.sampling.max_new_tokens,
+            config.max_model_len,
+            info.stats.kv_blocks_total,
+            config.block_size,
+            max((img.num_tokens for img in request.images), default=0),
+            config.max_image_embed_tokens,
+        )
+
+    def _assign(self, stream: RequestStream, worker: WorkerHandle) -> None:
+        if not any(s.worker is worker for s in self.streams.values() if s is not stream):
+            worker.state.last_heard = time.monotonic()  # the stall clock starts with its first work
+        stream.worker = worker
+
     async def submit(self, request: EngineRequest) -> RequestStream:
-        waiting = self.num_waiting()
-        if waiting >= self.max_queued_requests:
-            raise Overloaded(waiting, self.max_queued_requests, retry_after=1.0)
         worker = self._choose()
-        stats = worker.state.stats
-        settings = worker.settings
-        if stats is not None:
-            check_fits(
-                len(request.prompt_ids),
-                request.sampling.max_new_tokens,
-                settings.max_model_len,
-                stats.kv_blocks_total,
-                settings.config.block_size,
-                max((img.num_tokens for img in request.images), default=0),
-                settings.config.max_image_embed_tokens,
-            )
-        stream = RequestStream(request.request_id, worker)
+        self._check_fits(worker, request)
+        stream = RequestStream(request, worker)
+        self._assign(stream, worker)
         self.streams[request.request_id] = stream
         try:
             await worker.send(AddRequest(request))
@@ -162,13 +170,16 @@ class Router:
         stream = self.streams.pop(request_id, None)
         if stream is None:
             return
-        task = asyncio.get_running_loop().create_task(self._send_abort(stream.worker, request_id))
-        self._pending_sends.add(task)
-        task.add_done_callback(self._pending_sends.discard)
+        self._spawn(self._send_quietly(stream.worker, AbortRequest(request_id)))
 
-    async def _send_abort(self, worker: WorkerHandle, request_id: str) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_quietly(self, worker: WorkerHandle, msg: Any) -> None:
         try:
-            await worker.send(AbortRequest(request_id))
+            await worker.send(msg)
         except (ConnectionError, OSError):
             pass  # the worker is gone; its requests went with it
 
@@ -177,16 +188,18 @@ class Router:
             worker.state.stats = msg.stats
             for out in msg.outputs:
                 stream = self.streams.get(out.request_id)
-                if stream is None:
-                    continue  # aborted by the frontend; the worker's cancel confirmation
+                if stream is None or stream.worker is not worker:
+                    continue  # aborted by the frontend, or already moved to another worker
+                stream.produced = stream.produced or bool(out.tokens)
                 stream.queue.put_nowait(out)
                 if out.finished:
                     self.streams.pop(out.request_id, None)
             for observer in self.observers:
                 observer.worker_step(worker, msg)
         elif isinstance(msg, Rejected):
-            stream = self.streams.pop(msg.request_id, None)
-            if stream is not None:
+            stream = self.streams.get(msg.request_id)
+            if stream is not None and stream.worker is worker:
+                self.streams.pop(msg.request_id)
                 stream.queue.put_nowait(RequestRefused(msg.limit, msg.message))
         elif isinstance(msg, WorkerReady):
             log.info("%s ready: %s %s, %d KV blocks", worker.name, msg.device, msg.dtype, msg.stats.kv_blocks_total)
@@ -198,14 +211,62 @@ class Router:
             log.error("%s died during start-up", worker.name)
             self.startup_failed.set()
             return
-        lost = [rid for rid, s in self.streams.items() if s.worker is worker]
-        for rid in lost:
-            self.streams.pop(rid).queue.put_nowait(WorkerLost(f"{worker.name} died while serving this request; retry"))
+        lost = [s for s in self.streams.values() if s.worker is worker]
+        moved = 0
+        for stream in lost:
+            if not stream.produced and not stream.retried:
+                moved += 1
+                self._spawn(self._retry(stream, worker))
+            else:
+                self.streams.pop(stream.request_id, None)
+                stream.queue.put_nowait(WorkerLost(f"{worker.name} died while serving this request; retry"))
         for observer in self.observers:
             observer.worker_died(worker)
-        log.warning("%s lost %d requests; restarting", worker.name, len(lost))
-        worker.restart()
+        log.warning("%s lost %d requests (%d moved to another worker)", worker.name, len(lost), moved)
+        if not self.draining:
+            worker.restart()
+
+    async def _retry(self, stream: RequestStream, dead: WorkerHandle) -> None:
+        """Send a request that never produced a token to another live worker (once)."""
+        stream.retried = True
+        deadline = time.monotonic() + max(self.stall_timeout, 30.0)
+        exclude: WorkerHandle | None = dead
+        while self.streams.get(stream.request_id) is stream:
+            try:
+                worker = self._choose(exclude)
+            except NoWorkerAvailable:
+                if time.monotonic() > deadline or self.draining:
+                    break
+                await asyncio.sleep(0.1)  # e.g. the only worker restarting: once back, it will do
+                exclude = None
+                continue
+            self._assign(stream, worker)
+            try:
+                await worker.send(AddRequest(stream.request))
+                return
+            except (ConnectionError, OSError):
+                continue
+        if self.streams.pop(stream.request_id, None) is stream:
+            stream.queue.put_nowait(WorkerLost("the worker serving this request died and no other worker is ready; retry"))
+
+    async def _watch(self) -> None:
+        """Kill a worker that has work but has reported nothing for `stall_timeout` seconds."""
+        period = min(1.0, self.stall_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for worker in self.workers:
+                if not worker.alive or not any(s.worker is worker for s in self.streams.values()):
+                    continue
+                silent = now - worker.state.last_heard
+                if silent > self.stall_timeout:
+                    log.error("%s has reported no step for %.1fs (--worker-stall-timeout %.1fs): killing it", worker.name, silent, self.stall_timeout)
+                    worker.kill()
+                    for observer in self.observers:
+                        observer.worker_stalled(worker)
 
     async def stop(self) -> None:
+        self.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers))
-

@@ -1,26 +1,31 @@
-"""Process wiring: model folder, workers, router, gRPC server, health, reflection, metrics, draining."""
+"""Process wiring: model folder, preprocessing pool, workers, router, gRPC server, health, reflection,
+metrics, draining."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
 from . import __version__
-from .api.servicer import SERVICE, ServingState, VisionChatServiceServicer
+from .api.handlers import SERVICE, service_handler
+from .api.servicer import ServingState, VisionChatServiceServicer
 from .config import ServerConfig
 from .devices import cpu_threads_per_worker, resolve_devices
+from .engine import EngineConfig
 from .metrics import Metrics
-from .model.loader import inspect_checkpoint, resolve_dtype
+from .model.loader import inspect_checkpoint
+from .platform import usable_cpus
+from .preprocess.pixel_store import PixelStore
+from .preprocess.pool import PreprocessPool
+from .preprocess.preparer import Preparer
 from .processor.prompt import PromptBuilder
 from .router import Router
 from .worker.handle import WorkerHandle
@@ -56,13 +61,43 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def worker_settings(config: ServerConfig, model_dir: Path, devices: list[str], context_len: int) -> list[WorkerSettings]:
+    threads = cpu_threads_per_worker(devices, config.cpu_threads)
+    engine = EngineConfig(
+        max_model_len=context_len,
+        kv_cache_memory_bytes=config.kv_cache_memory,
+        block_size=config.block_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_vision_crops=config.max_vision_crops,
+        vision_tiles_per_step=config.vision_tiles_per_step,
+        max_image_embed_tokens=config.max_image_embed_tokens,
+    )
+    return [
+        WorkerSettings(
+            index=i,
+            device=device,
+            model_dir=str(model_dir),
+            dtype=config.dtype,
+            num_threads=threads[i],
+            attention_backend=config.attention_backend,
+            cpu_gemm=config.cpu_gemm,
+            engine=engine,
+            kv_cache_fraction=config.kv_cache_fraction,
+            log_format=config.log_format,
+            log_level=config.log_level,
+        )
+        for i, device in enumerate(devices)
+    ]
+
+
 class HealthTracker:
     """Keeps grpc.health.v1 true to the workers.
 
     Both "" and the VisionChat service are NOT_SERVING until every worker is ready, and again once
     the server drains. In between, the service status follows the workers (NOT_SERVING while none
-    is up, e.g. the only one restarting: readiness takes the pod out of rotation), while "" stays
-    SERVING, because a worker restart is the server healing itself, not a reason for a liveness
+    is up, e.g. the only one restarting or stalled: readiness takes the pod out of rotation), while ""
+    stays SERVING, because a worker restart is the server healing itself, not a reason for a liveness
     probe to kill the pod."""
 
     def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
@@ -91,6 +126,9 @@ class HealthTracker:
     def worker_step(self, worker: WorkerHandle, report: StepReport) -> None:
         pass
 
+    def worker_stalled(self, worker: WorkerHandle) -> None:
+        self._update()
+
     def worker_died(self, worker: WorkerHandle) -> None:
         self._update()
 
@@ -107,22 +145,13 @@ class VisionChatServer:
             self.model_config.max_position_embeddings,
         )
         devices = resolve_devices(config.devices)
+        from .platform import platform_for
+
         for device in devices:
-            resolve_dtype(config.dtype, torch.device(device))  # an unknown --dtype fails here, not in a worker
-        threads = cpu_threads_per_worker(devices)
-        self.settings = [
-            WorkerSettings(
-                index=i,
-                device=device,
-                model_dir=str(self.model_dir),
-                max_model_len=self.context_len,
-                num_threads=config.cpu_threads if config.cpu_threads > 0 and device == "cpu" else threads[i],
-                config=config,
-            )
-            for i, device in enumerate(devices)
-        ]
+            platform_for(device).resolve_dtype(config.dtype)  # an unknown --dtype fails here, not in a worker
+        self.settings = worker_settings(config, self.model_dir, devices, self.context_len)
         self.metrics = Metrics()
-        self.state = ServingState()
+        self.state = ServingState(config)
         self.health = health.aio.HealthServicer()
         self.health_tracker = HealthTracker(self.health)
         self.port = 0
@@ -130,16 +159,29 @@ class VisionChatServer:
 
     async def run(self) -> int:
         config = self.config
-        self.router = Router(self.settings, config.max_queued_requests, [self.metrics, self.health_tracker])
+        # One forkserver starts every child process: it imports the preprocessing code once, and
+        # children fork from it in milliseconds instead of re-importing torch and transformers.
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["service.preprocess.job"])
+        store = PixelStore(config.max_pixel_memory)
+        pool = PreprocessPool(str(self.model_dir), config.preprocess_workers or usable_cpus(), config.max_preprocess_queue)
+        self.router = Router(self.settings, [self.metrics, self.health_tracker], mp.get_context("spawn"), config.worker_stall_timeout)
         self.health_tracker.router = self.router
-        self.metrics.workers_alive.set_function(lambda: sum(w.alive for w in self.router.workers))
-        self.metrics.frontend_waiting.set_function(self.router.num_waiting)
-        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        preparer = Preparer(self.builder, pool, store, config.max_image_pixels, self.context_len)
+        self.metrics.attach(self.router, self.state, pool, store)
         servicer = VisionChatServiceServicer(
-            config, self.model_config, self.builder, self.router, self.metrics, executor, self.state, self.context_len
+            config,
+            self.model_config,
+            preparer,
+            self.router,
+            self.metrics,
+            self.state,
+            self.context_len,
+            self.builder.eos_token_ids,
+            self.builder.tokenizer,
         )
         server = grpc.aio.server(options=grpc_options(config))
-        pb_grpc.add_VisionChatServiceServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((service_handler(servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -161,23 +203,26 @@ class VisionChatServer:
         # Tests and operators read this line to find ports chosen with 0.
         print(f"VisionChat {__version__} listening on {config.host}:{self.port} metrics on {config.host}:{self.metrics_port}", flush=True)
         self.router.start()
-        ready = loop.create_task(self._become_ready())
+        ready = loop.create_task(self._become_ready(pool))
         failed = loop.create_task(self.router.startup_failed.wait())
         stopped = loop.create_task(stop.wait())
-        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if failed.done():
-            log.error("a worker failed to start; see its log above")
-            await server.stop(grace=0)
-            await self.router.stop()
-            return 1
-        failed.cancel()
-        await self._drain(server)
-        executor.shutdown(wait=False)
-        return 0
+        try:
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if failed.done():
+                log.error("a worker failed to start; see its log above")
+                await server.stop(grace=0)
+                await self.router.stop()
+                return 1
+            failed.cancel()
+            await self._drain(server)
+            return 0
+        finally:
+            pool.shutdown()
+            store.close()
 
-    async def _become_ready(self) -> None:
-        await self.router.wait_ready()
+    async def _become_ready(self, pool: PreprocessPool) -> None:
+        await asyncio.gather(self.router.wait_ready(), pool.start())
         self.metrics.info.info(
             {
                 "version": __version__,
@@ -197,6 +242,7 @@ class VisionChatServer:
         """SIGTERM: NOT_SERVING at once, refuse new calls, let running streams finish, exit."""
         log.info("draining: %d call(s) in flight, up to %.0fs", self.state.in_flight, self.config.drain_seconds)
         self.state.draining = True
+        self.router.draining = True
         self.health_tracker.draining = True
         await self.health.enter_graceful_shutdown()
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
@@ -209,4 +255,3 @@ class VisionChatServer:
 
 def main_async(config: ServerConfig) -> int:
     return asyncio.run(VisionChatServer(config).run())
-

@@ -13,6 +13,7 @@ from service.model.attention import AttentionBackend
 
 # Limits small enough that the bad-input tests can cross them cheaply.
 API_SERVER_ARGS = [
+    "--dtype", "float32",  # the golden tokens are fp32 results, whatever this CPU computes natively
     "--model", str(TINY_MODEL),
     "--max-images", "4",
     "--max-image-bytes", "8MiB",

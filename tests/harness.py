@@ -149,9 +149,9 @@ class ServerProcess:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+            if "spawn_main" in cmdline:  # not the resource tracker, not the preprocessing forkserver
                 pids.append(int(pid))
-        return pids
+        return sorted(pids)  # spawned in worker order on a fresh server
 
 
 def user(text: str, *images: int) -> pb.Message:

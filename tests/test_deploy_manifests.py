@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import ENV_PREFIX, OPTIONS, ServerConfig, parse_config
+from service.config import ENV_PREFIX, OPTIONS, ServerConfig, parse_bytes, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -413,6 +413,8 @@ def test_volumes(overlay: str) -> None:
 
     shm = mounts["/dev/shm"]["volume"]["emptyDir"]
     assert shm["medium"] == "Memory" and shm.get("sizeLimit")
+    # Preprocessed pixels live in /dev/shm: the budget must fit, with room for torch's own use.
+    assert parse_bytes(shm["sizeLimit"]) >= config.max_pixel_memory + (512 << 20)
     assert "emptyDir" in mounts["/tmp"]["volume"]
 
     model_mounts = [path for path in mounts if _under(config.model, path)]

@@ -65,16 +65,26 @@ def test_32_concurrent_equal_alone_with_chunked_prefill(alone_server: ServerProc
     alone_server.wait_idle()
 
 
-def test_two_workers_tiny_pool_preemptions_and_chunking_keep_tokens(reference) -> None:  # type: ignore[no-untyped-def]
+def hog_requests() -> list[pb.GenerateRequest]:
+    """Four requests of ~200 prompt + 600 generated tokens (50 KV blocks each at the end)."""
+    return [
+        generate_request(" ".join(WORDS[i:] + WORDS[:i]) * 12, max_new_tokens=600, ignore_eos=True) for i in range(4)
+    ]
+
+
+def test_two_workers_tiny_pool_preemptions_and_chunking_keep_tokens(alone_server: ServerProcess, reference) -> None:  # type: ignore[no-untyped-def]
     reqs, alone = reference
-    # ~1.3k tokens of KV per worker (the largest request needs ~1k): far less than 32 requests need at once, so the scheduler
-    # must preempt and recompute; prefill in 64-token chunks.
+    hogs = hog_requests()
+    hogs_alone = [run(alone_server.address, r) for r in hogs]
+    # 85 blocks (~1.3k tokens) of KV per worker; prefill in 64-token chunks. The four hogs, sent first, land two
+    # per worker or three and one, and each pair needs 100 blocks by the end of its decoding: whatever the
+    # timing, running sequences outgrow the pool and the newest is preempted and recomputed.
     proc = ServerProcess(
         ["--model", str(TINY_MODEL), "--devices", "cpu,cpu", "--kv-cache-memory", "4MiB",
          "--max-num-batched-tokens", "64", "--max-num-seqs", "16"]
     ).start()
     try:
-        assert run_concurrently(proc.address, reqs) == alone
+        assert run_concurrently(proc.address, hogs + reqs) == hogs_alone + alone
         assert proc.metric("visionchat_num_preemptions_total") > 0
         served = {w: proc.metric("visionchat_request_success_total", worker=w) for w in ("worker0", "worker1")}
         assert all(v > 0 for v in served.values()), served

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_helpers import prompt_forward
 from service.engine import Engine, EngineConfig, EngineRequest, SamplingOptions
-from service.engine.kv_cache import blocks_needed
-from service.engine.model_runner import StepStats
-from service.engine.scheduler import ScheduledChunk, Scheduler
-from service.engine.sequence import Sequence
+from service.engine.scheduler import Scheduler
 from service.model import load_model_config
 from service.model.rope import LongRoPE
 
@@ -53,18 +51,9 @@ def request(ids: list[int], max_new_tokens: int, request_id: str = "r") -> Engin
     return EngineRequest(request_id, tuple(ids), (), SamplingOptions(max_new_tokens=max_new_tokens), time.time())
 
 
-@torch.inference_mode()
 def fresh_last_logits(engine: Engine, ids: list[int], force_short: bool = False) -> torch.Tensor:
     """Next-token logits of one fresh forward over the whole sequence `ids` (no cache reuse)."""
-    seq = Sequence(request(ids, 1, "fresh"), ORIGINAL_CONTEXT)
-    seq.block_ids = engine.pool.allocate(blocks_needed(len(ids), engine.config.block_size))
-    try:
-        step, _ = engine.runner.build_step([ScheduledChunk(seq, len(ids))], StepStats())
-        if force_short:
-            step.use_long_rope = torch.zeros_like(step.use_long_rope)
-        logits = engine.model(step, engine.kv_cache.layers, engine.runner.backend)
-    finally:
-        engine.pool.free(seq.block_ids)
+    logits, _ = prompt_forward(engine, request(ids, 1, "fresh"), force_short)
     return logits[-1]
 
 
@@ -150,25 +139,30 @@ def _run_capturing(
     of each sampling step keyed by the length of the sequence they were computed over, and per step
     (length before the step, kv_long_rope after it, tokens computed in it)."""
     captured: dict[int, torch.Tensor] = {}
-    original_execute = engine.runner.execute
-
-    def execute(chunks: list[ScheduledChunk]):  # type: ignore[no-untyped-def]
-        sampling, logits, stats = original_execute(chunks)
-        for chunk, row in zip(sampling, logits):
-            captured[chunk.seq.num_tokens] = row.clone()
-        return sampling, logits, stats
-
-    engine.runner.execute = execute  # type: ignore[method-assign]
+    model = engine.model
     engine.add_request(request(ids, max_new_tokens))
     seq = engine.sequences["r"]
+
+    def forward(*args, **kwargs):  # type: ignore[no-untyped-def]
+        # One request: the step's only logits row, if any, is its next-token distribution.
+        logits = type(model).forward(model, *args, **kwargs)
+        if logits.shape[0]:
+            captured[seq.num_tokens] = logits[0].clone()
+        return logits
+
+    model.forward = forward  # type: ignore[method-assign]
     tokens: list[int] = []
     trace: list[tuple[int, bool, int]] = []
-    with torch.inference_mode():
-        while engine.has_work():
-            length = seq.num_tokens
-            for out in engine.step():
-                tokens += [t.token_id for t in out.tokens]
-            trace.append((length, seq.kv_long_rope, engine.last_step.num_tokens))
+    try:
+        with torch.inference_mode():
+            while engine.has_work():
+                length = seq.num_tokens
+                result = engine.step()
+                for out in result.outputs:
+                    tokens += [t.token_id for t in out.tokens]
+                trace.append((length, seq.kv_long_rope, result.timings.num_tokens))
+    finally:
+        del model.forward
     stats = engine.stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total
     return tokens, captured, trace

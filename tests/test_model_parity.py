@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Engine, EngineConfig, EngineRequest, ImagePayload, SamplingOptions
+from engine_helpers import image, prompt_forward
+from service.engine import Engine, EngineConfig, EngineRequest, ImageInput, SamplingOptions
 from service.engine.kv_cache import blocks_needed
-from service.engine.model_runner import StepStats
-from service.engine.scheduler import ScheduledChunk, Scheduler
+from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class GoldenCase:
     name: str
     prompt_ids: tuple[int, ...]
-    images: tuple[ImagePayload, ...]
+    images: tuple[ImageInput, ...]
     gen_tokens: list[int]
     golden: dict[str, np.ndarray]
 
@@ -63,9 +63,10 @@ def _load_case(name: str) -> GoldenCase:
         golden = {k: z[k] for k in z.files}
     ids = tuple(int(t) for t in golden["input_ids"][0])
     images = []
-    for k, image in enumerate(meta.get("images") or []):
+    for k, name_ in enumerate(meta.get("images") or []):
         count = sum(1 for t in ids if t == -(k + 1))
-        images.append(ImagePayload((GOLDEN / "images" / f"{image}.png").read_bytes(), meta["num_crops"], count))
+        images.append(image((GOLDEN / "images" / f"{name_}.png").read_bytes(), meta["num_crops"]))
+        assert images[-1].num_tokens == count
     return GoldenCase(name, ids, tuple(images), golden["gen_tokens"].tolist(), golden)
 
 
@@ -118,22 +119,6 @@ def run(engine: Engine, requests: list[EngineRequest]) -> dict[str, list[int]]:
     return out
 
 
-@torch.inference_mode()
-def full_forward(engine: Engine, request: EngineRequest) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, vocab) logits and (L, hidden) final hidden states at every prompt position, one chunk."""
-    model = engine.model
-    seq = Sequence(request, model.config.original_max_position_embeddings)
-    n = seq.num_tokens
-    seq.block_ids = engine.pool.allocate(blocks_needed(n, engine.config.block_size))
-    try:
-        step, _ = engine.runner.build_step([ScheduledChunk(seq, n)], StepStats())
-        hidden = model.hidden_states(step, engine.kv_cache.layers, engine.runner.backend)
-        logits = model.lm_head(hidden).float()
-    finally:
-        engine.pool.free(seq.block_ids)
-    return logits, hidden
-
-
 # ---------------------------------------------------------------------------------------------------
 # One-shot forward and greedy generation, every golden case
 
@@ -142,7 +127,7 @@ def full_forward(engine: Engine, request: EngineRequest) -> tuple[torch.Tensor, 
 def test_forward_and_greedy_match_golden(name, cases, model, backend, observed, record_property) -> None:
     case = cases[name]
     engine = make_engine(model, backend)
-    logits, hidden = full_forward(engine, case.request())
+    logits, hidden = prompt_forward(engine, case.request())
     g = case.golden
 
     d_logits = (logits[-1] - torch.from_numpy(g["last_logits"])).abs().max().item()

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
+from engine_helpers import image
 from harness import TINY_MODEL, image_bytes
-from service.engine import Engine, EngineConfig, EngineRequest, ImagePayload, SamplingOptions
+from service.engine import Engine, EngineConfig, EngineRequest, SamplingOptions
 from service.engine.block_pool import BlockPool
 from service.model import select_attention_backend
-from service.processor.image import num_image_tokens
 from service.processor.prompt import ChatMessage, PromptBuilder
 
 
@@ -27,15 +27,13 @@ def engine(model, kv_bytes: int = 32 << 20) -> Engine:  # type: ignore[no-untype
     return Engine(model, EngineConfig(max_model_len=8192, kv_cache_memory_bytes=kv_bytes), select_attention_backend("auto", torch.device("cpu")))
 
 
-def request(builder: PromptBuilder, rid: str, question: str, image: str | None = "A_640x480") -> EngineRequest:
+def request(builder: PromptBuilder, rid: str, question: str, name: str | None = "A_640x480") -> EngineRequest:
     images = ()
     counts: list[int] = []
-    if image:
-        data = image_bytes(image)
-        w, h = {"A_640x480": (640, 480), "B_1024x300": (1024, 300), "C_200x900": (200, 900)}[image]
-        counts = [num_image_tokens(w, h, 4)]
-        images = (ImagePayload(data, 4, counts[0]),)
-    msgs = [ChatMessage("system", "You are a careful assistant."), ChatMessage("user", question, (0,) if image else ())]
+    if name:
+        images = (image(image_bytes(name), 4),)
+        counts = [images[0].num_tokens]
+    msgs = [ChatMessage("system", "You are a careful assistant."), ChatMessage("user", question, (0,) if name else ())]
     ids = tuple(builder.encode(msgs, counts))
     return EngineRequest(rid, ids, images, SamplingOptions(max_new_tokens=12), time.time())
 
@@ -45,7 +43,7 @@ def run_one(eng: Engine, req: EngineRequest) -> tuple[list[int], int]:
     ids: list[int] = []
     cached = -1
     while eng.has_work():
-        for out in eng.step():
+        for out in eng.step().outputs:
             ids += [t.token_id for t in out.tokens]
             if out.queue_seconds is not None:
                 cached = out.num_cached_tokens
@@ -71,7 +69,7 @@ def test_shared_image_prefix_is_reused_and_tokens_are_exact(model, builder) -> N
 
 def test_identical_prompt_reuses_all_but_the_last_token(model, builder) -> None:  # type: ignore[no-untyped-def]
     eng = engine(model)
-    req = request(builder, "a", "Write a haiku about the sea.", image=None)
+    req = request(builder, "a", "Write a haiku about the sea.", name=None)
     ids1, cached1 = run_one(eng, req)
     ids2, cached2 = run_one(eng, EngineRequest("b", req.prompt_ids, (), req.sampling, time.time()))
     assert ids1 == ids2 and cached1 == 0
@@ -83,8 +81,7 @@ def test_another_image_of_the_same_size_is_not_a_hit(model, builder) -> None:  #
     run_one(eng, request(builder, "a", "<|image_1|>\nDescribe this image."))
     # Same text and token count, other pixels: only the text before the image may be shared.
     other = request(builder, "b", "<|image_1|>\nDescribe this image.")
-    pixels = bytearray(image_bytes("A_640x480"))
-    flipped = EngineRequest("b", other.prompt_ids, (ImagePayload(_mirror(bytes(pixels)), 4, other.images[0].num_tokens),), other.sampling, time.time())
+    flipped = EngineRequest("b", other.prompt_ids, (image(_mirror(image_bytes("A_640x480")), 4),), other.sampling, time.time())
     _, cached = run_one(eng, flipped)
     first_image_pos = other.prompt_ids.index(-1)
     assert cached <= first_image_pos
@@ -128,18 +125,17 @@ def test_image_embedding_budget_holds_back_chunks_and_refuses_what_never_fits(mo
         select_attention_backend("auto", torch.device("cpu")),
     )
     a = request(builder, "a", "<|image_1|>\nDescribe this image.")
-    b = request(builder, "b", "<|image_1|>\nDescribe this image, please.", image="C_200x900")
+    b = request(builder, "b", "<|image_1|>\nDescribe this image, please.", name="C_200x900")
     alone = {r.request_id: run_one(engine(model), r)[0] for r in (a, b)}
     eng.add_request(a)
     eng.add_request(b)
     got: dict[str, list[int]] = {"a": [], "b": []}
     while eng.has_work():
-        held = sum(rows.shape[0] for s in eng.scheduler.running for rows in s.image_embeds.values())
-        assert held <= 800
-        for out in eng.step():
+        assert eng.encoder_cache.used_rows <= 800
+        for out in eng.step().outputs:
             got[out.request_id] += [t.token_id for t in out.tokens]
     assert got == alone
-    big = request(builder, "c", "<|image_1|>\nAnd this one?", image="B_1024x300")
+    big = request(builder, "c", "<|image_1|>\nAnd this one?", name="B_1024x300")
     small_budget = Engine(
         model, EngineConfig(max_model_len=8192, kv_cache_memory_bytes=8 << 20, max_image_embed_tokens=500), select_attention_backend("auto", torch.device("cpu"))
     )

@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
-from service.engine import FinishReason, RequestOutput, TokenOutput
+from service.engine import EngineRequest, FinishReason, RequestOutput, SamplingOptions, TokenOutput
 from service.router import RequestStream, WorkerLost
+
+REQUEST = EngineRequest("r", (1, 2, 3), (), SamplingOptions(max_new_tokens=4), 0.0)
 
 
 def _out(*ids: int, queue: float | None = None, finish: FinishReason | None = None) -> RequestOutput:
@@ -19,7 +21,7 @@ async def _drain(stream: RequestStream) -> list[RequestOutput]:
 
 
 def test_queued_outputs_merge_in_order_and_keep_first_timing() -> None:
-    stream = RequestStream("r", worker=None)  # type: ignore[arg-type]
+    stream = RequestStream(REQUEST, worker=None)  # type: ignore[arg-type]
     for item in (_out(1, queue=0.5), _out(2), _out(3), _out(4, finish=FinishReason.LENGTH)):
         stream.queue.put_nowait(item)
     outs = asyncio.run(_drain(stream))
@@ -30,7 +32,7 @@ def test_queued_outputs_merge_in_order_and_keep_first_timing() -> None:
 
 
 def test_error_after_tokens_is_raised_after_they_are_delivered() -> None:
-    stream = RequestStream("r", worker=None)  # type: ignore[arg-type]
+    stream = RequestStream(REQUEST, worker=None)  # type: ignore[arg-type]
     stream.queue.put_nowait(_out(1, queue=0.1))
     stream.queue.put_nowait(_out(2))
     stream.queue.put_nowait(WorkerLost("gone"))

@@ -7,6 +7,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ..errors import InvalidInput, Overloaded
+
 
 class ApiError(Exception):
     """Raised inside the API layer; converted to a gRPC status at the edge of each RPC."""
@@ -46,5 +48,12 @@ def unavailable(message: str) -> ApiError:
     return ApiError(_status(code_pb2.UNAVAILABLE, message))
 
 
-def internal(message: str) -> ApiError:
-    return ApiError(_status(code_pb2.INTERNAL, message))
+def deadline_exceeded(message: str) -> ApiError:
+    return ApiError(_status(code_pb2.DEADLINE_EXCEEDED, message))
+
+
+def from_request_error(exc: InvalidInput | Overloaded) -> ApiError:
+    """The gRPC status of an error raised below the API layer."""
+    if isinstance(exc, InvalidInput):
+        return invalid_argument(exc.field, exc.message)
+    return resource_exhausted(str(exc), exc.retry_after)

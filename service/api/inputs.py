@@ -1,8 +1,8 @@
-"""Request messages -> a validated call: conversation, images, sampling options, prompt token ids.
+"""Request messages -> a validated call: conversation, images, sampling options.
 
 Every check names the field (or the server limit) it enforces, as INVALID_ARGUMENT with
-google.rpc.BadRequest details. Image decoding and tokenization run in `prepare`, which the servicer
-calls off the event loop.
+google.rpc.BadRequest details. All checks here are cheap; decoding and tokenizing come later
+(service.preprocess).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from visionchat.v1 import visionchat_pb2 as pb
 
 from ..config import ServerConfig
 from ..engine import SamplingOptions
-from ..processor.image import ImageDecodeError, MAX_NUM_CROPS, decode_image, num_image_tokens
-from ..processor.prompt import ChatMessage, PromptBuilder, PromptError
+from ..processor.image import MAX_NUM_CROPS
+from ..processor.prompt import ChatMessage
 from .errors import ApiError, invalid_argument
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
@@ -27,6 +27,7 @@ MAX_REPETITION_PENALTY = 10.0
 MIN_REPETITION_PENALTY = 0.01  # 0 means unset; tinier values blow logits up to inf
 DEFAULT_NUM_CROPS_SINGLE = 16
 DEFAULT_NUM_CROPS_MULTI = 4
+MAX_REQUEST_ID_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -40,24 +41,6 @@ class Call:
     request_id: str
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    width: int
-    height: int
-    num_crops: int
-    tokens: int
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    prompt_ids: tuple[int, ...]
-    images: tuple[ImageInfo, ...]
-
-    @property
-    def image_tokens(self) -> int:
-        return sum(i.tokens for i in self.images)
-
-
 def convert_messages(messages: list[pb.Message] | tuple[pb.Message, ...]) -> tuple[ChatMessage, ...]:
     out = []
     for i, m in enumerate(messages):
@@ -67,6 +50,18 @@ def convert_messages(messages: list[pb.Message] | tuple[pb.Message, ...]) -> tup
     if not out:
         raise invalid_argument("messages", "the conversation is empty")
     return tuple(out)
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise invalid_argument("request_id", f"{len(request_id)} characters exceed the limit of {MAX_REQUEST_ID_LENGTH}")
+
+
+def num_crops_for(call: Call) -> int:
+    """The crop budget of every image of the call: the request's, else the model card's advice."""
+    if call.num_crops:
+        return call.num_crops
+    return DEFAULT_NUM_CROPS_SINGLE if len(call.images) == 1 else DEFAULT_NUM_CROPS_MULTI
 
 
 def resolve_num_crops(options: pb.ImageOptions) -> int | None:
@@ -152,23 +147,3 @@ def sampling_options(
         eos_token_ids=frozenset() if s.ignore_eos else frozenset(eos_token_ids),
         logprobs=int(s.logprobs),
     )
-
-
-def prepare(call: Call, builder: PromptBuilder, config: ServerConfig) -> PreparedPrompt:
-    """Decode the images (size and integrity), count their tokens and tokenize the prompt."""
-    num_crops = call.num_crops or (DEFAULT_NUM_CROPS_SINGLE if len(call.images) == 1 else DEFAULT_NUM_CROPS_MULTI)
-    infos = []
-    for k, data in enumerate(call.images):
-        try:
-            image = decode_image(data, config.max_image_pixels)
-            tokens = num_image_tokens(image.width, image.height, num_crops)
-        except ImageDecodeError as exc:
-            raise invalid_argument(f"images[{k}]", str(exc)) from exc
-        except ValueError as exc:  # e.g. an aspect ratio so extreme that the HD transform has no rows
-            raise invalid_argument(f"images[{k}]", str(exc)) from exc
-        infos.append(ImageInfo(image.width, image.height, num_crops, tokens))
-    try:
-        ids = builder.encode(call.messages, [i.tokens for i in infos])
-    except PromptError as exc:
-        raise invalid_argument(exc.field, exc.message) from exc
-    return PreparedPrompt(tuple(ids), tuple(infos))

@@ -1,4 +1,10 @@
-"""The visionchat.v1.VisionChatService servicer: gRPC in, EngineRequests to the router, text deltas out."""
+"""The visionchat.v1.VisionChatService servicer: gRPC in, EngineRequests to the router, text deltas out.
+
+A chat call goes: cheap checks on the event loop (limits, request id, image headers, a lower bound
+on the prompt's tokens) -> a queue slot (load shedding) -> preparation (service.preprocess: inline
+for short text, else the bounded process pool) -> the router -> streamed deltas. Nothing heavy runs
+on the event loop, and nothing heavy runs before the checks that could refuse the request.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +13,47 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
 import grpc
 from visionchat.v1 import visionchat_pb2 as pb
-from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..config import ServerConfig
-from ..engine import EngineRequest, FinishReason, ImagePayload, RequestRefused
+from ..engine import EngineRequest, FinishReason, RequestRefused
+from ..errors import InvalidInput, Overloaded
 from ..metrics import Metrics
 from ..model.config import ModelConfig
+from ..preprocess.pool import PoolBroken
+from ..preprocess.preparer import Checked, Preparer
 from ..processor.image import MAX_NUM_CROPS
-from ..processor.prompt import PromptBuilder
-from ..router import NoWorkerAvailable, Overloaded, Router, WorkerLost
+from ..router import NoWorkerAvailable, Router, WorkerLost
+from .admission import Slots
 from .detokenizer import IncrementalDetokenizer
-from .errors import ApiError, invalid_argument, resource_exhausted, unavailable
+from .errors import ApiError, deadline_exceeded, from_request_error, invalid_argument, unavailable
+from .handlers import SERVICE, Malformed
 from .inputs import (
     DEFAULT_NUM_CROPS_MULTI,
     DEFAULT_NUM_CROPS_SINGLE,
     Call,
-    PreparedPrompt,
     check_image_limits,
+    check_request_id,
     convert_messages,
-    prepare,
+    num_crops_for,
     resolve_num_crops,
     sampling_options,
     validate_sampling,
 )
 
 log = logging.getLogger("visionchat.requests")
-SERVICE = "visionchat.v1.VisionChatService"
 T = TypeVar("T")
 # Chat and Generate stream messages of the same shape under their own names.
 Response = pb.ChatResponse | pb.GenerateResponse
+# While draining, an upload that sends nothing for this long is cut off: a stalled upload would hold
+# the drain for its whole grace period, while one still sending may finish.
+DRAIN_UPLOAD_IDLE_SECONDS = 5.0
 
 FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
@@ -57,16 +67,21 @@ FINISH = {
 REFUSAL_FIELD = {
     "max_context_tokens": "sampling.max_new_tokens",
     "kv_cache_memory": "sampling.max_new_tokens",
+    "kv_cache_memory_prompt": "messages",
     "max_image_embed_tokens": "images",
 }
 
 
-@dataclass
 class ServingState:
-    draining: bool = False
-    # Chat/Generate calls admitted and not yet finished, uploads and preparation included: the drain
-    # on SIGTERM waits for these, not only for requests already on a worker.
-    in_flight: int = 0
+    def __init__(self, config: ServerConfig) -> None:
+        self.draining = False
+        # Chat/Generate calls admitted and not yet finished, uploads and preparation included: the
+        # drain on SIGTERM waits for these, not only for requests already on a worker.
+        self.in_flight = 0
+        # Requests between their cheap checks and their first token (preprocessing, waiting for a
+        # worker, prefill): what --max-queued-requests bounds.
+        self.queued = Slots(config.max_queued_requests, "requests are waiting for a first token", "--max-queued-requests")
+        self.uploads = Slots(config.max_concurrent_uploads, "Chat uploads are in progress", "--max-concurrent-uploads")
 
 
 @dataclass
@@ -79,27 +94,33 @@ class _Outcome:
     cached_tokens: int = 0
 
 
-class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise invalid_argument("request", request.description)
+
+
+class VisionChatServiceServicer:
     def __init__(
         self,
         config: ServerConfig,
         model_config: ModelConfig,
-        builder: PromptBuilder,
+        preparer: Preparer,
         router: Router,
         metrics: Metrics,
-        executor: Executor,
         state: ServingState,
         context_len: int,
+        eos_token_ids: tuple[int, ...],
+        tokenizer: Any,
     ) -> None:
         self.config = config
         self.model_config = model_config
-        self.builder = builder
+        self.preparer = preparer
         self.router = router
         self.metrics = metrics
-        self.executor = executor
         self.state = state
         self.context_len = context_len
-        self.eos_token_ids = builder.eos_token_ids
+        self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer
 
     # --- RPC bookkeeping -------------------------------------------------------------------------
 
@@ -127,12 +148,23 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ApiError) -> None:
         await context.abort(exc.status.code, exc.status.details, exc.status.trailing_metadata)
 
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Errors of the layers below become gRPC statuses."""
+        try:
+            yield
+        except (InvalidInput, Overloaded) as exc:
+            raise from_request_error(exc) from exc
+        except PoolBroken as exc:
+            raise unavailable(str(exc)) from exc
+
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
         try:
             with self._observe(method, "unary"):
                 if self.state.draining:
                     raise unavailable("the server is shutting down; retry on another replica")
-                return await body()
+                with self._translated():
+                    return await body()
         except ApiError as exc:
             await self._abort(context, exc)
             raise  # unreachable: abort raises
@@ -142,8 +174,9 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     ) -> AsyncIterator[Response]:
         try:
             with self._observe(method, kind):
-                async for item in body:
-                    yield item
+                with self._translated():
+                    async for item in body:
+                        yield item
         except ApiError as exc:
             await self._abort(context, exc)
 
@@ -160,24 +193,26 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
     # --- RPCs ------------------------------------------------------------------------------------
 
     # grpc.aio recognises streaming handlers by being async generator functions, hence the re-yield.
-    async def Chat(self, request_iterator: AsyncIterator[pb.ChatRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+    async def Chat(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         async for response in self._streaming("Chat", "bidi_stream", context, self._chat(request_iterator)):
             yield response
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         async for response in self._streaming("Generate", "server_stream", context, self._generate_inline(request)):
             yield response
 
-    async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+    async def CountTokens(self, request: Any, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
         return await self._unary("CountTokens", context, lambda: self._count_tokens(request))
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
-        return await self._unary("GetModelInfo", context, self._model_info)
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        return await self._unary("GetModelInfo", context, lambda: self._model_info(request))
 
     # --- bodies ----------------------------------------------------------------------------------
 
-    async def _generate_inline(self, request: pb.GenerateRequest) -> AsyncIterator[Response]:
+    async def _generate_inline(self, request: pb.GenerateRequest | Malformed) -> AsyncIterator[Response]:
         with self._admitted():
+            _check_parsed(request)
+            assert isinstance(request, pb.GenerateRequest)
             check_image_limits(self.config, [len(b) for b in request.images])
             call = Call(
                 messages=convert_messages(request.messages),
@@ -186,38 +221,71 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
                 num_crops=resolve_num_crops(request.image_options),
                 request_id=request.request_id,
             )
-            async for item in self._run(call, pb.GenerateResponse):
+            async for item in self._run(call, pb.GenerateResponse, None):
                 yield item
 
-    async def _chat(self, requests: AsyncIterator[pb.ChatRequest]) -> AsyncIterator[pb.ChatResponse]:
+    async def _chat(self, requests: AsyncIterator[Any]) -> AsyncIterator[pb.ChatResponse]:
         with self._admitted():
-            call = await self._read_upload(requests)
-            async for item in self._run(call, pb.ChatResponse):
-                yield item
+            it = requests.__aiter__()
+            with self.state.uploads.take():
+                call = await self._read_upload(it)
+            # The client half-closes after end_of_input; anything else it sends is an error.
+            trailing = asyncio.ensure_future(self._expect_no_more(it))
+            try:
+                async for item in self._run(call, pb.ChatResponse, trailing):
+                    yield item
+            finally:
+                trailing.cancel()
+                if trailing.done() and not trailing.cancelled():
+                    trailing.exception()  # seen (and raised) by _stream if it mattered
 
-    async def _read_upload(self, requests: AsyncIterator[pb.ChatRequest]) -> Call:
-        it = requests.__aiter__()
+    async def _next_message(self, it: AsyncIterator[Any]) -> Any:
+        """The next upload message, within --upload-idle-timeout (5 s while draining)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pending = asyncio.ensure_future(it.__anext__())
         try:
-            first = await it.__anext__()
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=0.25)
+                if done:
+                    message = pending.result()
+                    _check_parsed(message)
+                    return message
+                idle = loop.time() - start
+                if idle > self.config.upload_idle_timeout:
+                    raise deadline_exceeded(
+                        f"no upload message for {idle:.1f}s (--upload-idle-timeout {self.config.upload_idle_timeout:g}s)"
+                    )
+                if self.state.draining and idle > DRAIN_UPLOAD_IDLE_SECONDS:
+                    raise unavailable("the server is shutting down and this upload stalled; retry on another replica")
+        finally:
+            pending.cancel()
+
+    async def _read_upload(self, it: AsyncIterator[Any]) -> Call:
+        try:
+            first = await self._next_message(it)
         except StopAsyncIteration:
             raise invalid_argument("start", "the stream closed before the start message") from None
         if first.WhichOneof("kind") != "start":
             raise invalid_argument("start", "the first message of a Chat stream must be `start`")
         start = first.start
+        check_request_id(start.request_id)
         count = start.image_count
         if count > self.config.max_images:
             raise invalid_argument(
                 "start.image_count", f"{count} images exceed the limit of {self.config.max_images} per request (--max-images)"
             )
         buffers = [bytearray() for _ in range(count)]
-        async for msg in it:
+        while True:
+            try:
+                msg = await self._next_message(it)
+            except StopAsyncIteration:
+                raise invalid_argument("end_of_input", "the stream closed without end_of_input; the upload may be incomplete") from None
             kind = msg.WhichOneof("kind")
             if kind == "image_chunk":
                 k = msg.image_chunk.image_index
                 if k >= count:
-                    raise invalid_argument(
-                        "image_chunk.image_index", f"chunk for image {k}, but start.image_count is {count}"
-                    )
+                    raise invalid_argument("image_chunk.image_index", f"chunk for image {k}, but start.image_count is {count}")
                 buffers[k] += msg.image_chunk.data
                 # Refuse as soon as a limit is passed rather than buffering an oversized upload to the end.
                 check_image_limits(self.config, [len(b) for b in buffers])
@@ -227,8 +295,6 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
                 raise invalid_argument("start", "`start` may be sent only once")
             else:
                 raise invalid_argument("kind", "empty ChatRequest message")
-        else:
-            raise invalid_argument("end_of_input", "the stream closed without end_of_input; the upload may be incomplete")
         for k, buf in enumerate(buffers):
             if not buf:
                 raise invalid_argument(f"images[{k}]", "no bytes were received for this image")
@@ -240,47 +306,75 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
             request_id=start.request_id,
         )
 
-    async def _prepare(self, call: Call) -> PreparedPrompt:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, prepare, call, self.builder, self.config)
+    async def _expect_no_more(self, it: AsyncIterator[Any]) -> None:
+        try:
+            await it.__anext__()
+        except StopAsyncIteration:
+            return
+        raise invalid_argument("end_of_input", "the stream sent more messages after end_of_input")
 
-    async def _run(self, call: Call, response: type[Response]) -> AsyncIterator[Response]:
-        arrival = time.time()
+    def _check(self, call: Call) -> Checked:
         validate_sampling(call.sampling, self.config, self.model_config.vocab_size)
-        prepared = await self._prepare(call)
-        options = sampling_options(call.sampling, len(prepared.prompt_ids), self.config, self.context_len, self.eos_token_ids)
-        request_id = call.request_id or uuid.uuid4().hex
-        engine_id = f"{request_id}#{uuid.uuid4().hex[:8]}"  # unique even if a client reuses its id
-        request = EngineRequest(
-            request_id=engine_id,
-            prompt_ids=prepared.prompt_ids,
-            images=tuple(ImagePayload(data, info.num_crops, info.tokens) for data, info in zip(call.images, prepared.images)),
-            sampling=options,
-            arrival_time=arrival,
-        )
+        check_request_id(call.request_id)
+        return self.preparer.check(call.messages, call.images, num_crops_for(call), call.sampling.max_new_tokens)
+
+    async def _run(self, call: Call, response: type[Response], trailing: asyncio.Future[None] | None) -> AsyncIterator[Response]:
+        arrival = time.time()
+        checked = self._check(call)
+        with self.state.queued.take() as queue_slot:
+            prepared = await self.preparer.prepare(checked)
+            try:
+                prompt = prepared.prompt
+                self.metrics.preprocessed(prompt.seconds, len(prompt.images))
+                options = sampling_options(call.sampling, prompt.num_prompt_tokens, self.config, self.context_len, self.eos_token_ids)
+                request_id = call.request_id or uuid.uuid4().hex
+                engine_id = f"{request_id}#{uuid.uuid4().hex[:8]}"  # unique even if a client reuses its id
+                request = EngineRequest(
+                    request_id=engine_id, prompt_ids=prompt.prompt_ids, images=prompt.images, sampling=options, arrival_time=arrival
+                )
+                async for item in self._stream(request, request_id, call, checked, response, arrival, queue_slot, trailing):
+                    yield item
+            finally:
+                self.preparer.release(prepared.reservation)
+
+    async def _stream(
+        self,
+        request: EngineRequest,
+        request_id: str,
+        call: Call,
+        checked: Checked,
+        response: type[Response],
+        arrival: float,
+        queue_slot: Any,
+        trailing: asyncio.Future[None] | None,
+    ) -> AsyncIterator[Response]:
         try:
             stream = await self.router.submit(request)
-        except Overloaded as exc:
-            raise resource_exhausted(str(exc), exc.retry_after) from exc
         except NoWorkerAvailable as exc:
             raise unavailable(str(exc)) from exc
         except RequestRefused as exc:
             raise invalid_argument(REFUSAL_FIELD.get(exc.limit, exc.limit), str(exc)) from exc
 
+        engine_id = request.request_id
+        num_prompt = len(request.prompt_ids)
         outcome = _Outcome(worker=stream.worker.name)
-        detok = IncrementalDetokenizer(self.builder.tokenizer, list(call.sampling.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, list(call.sampling.stop))
         last_token_time: float | None = None
         matched_stop = ""
         error_message = ""
         done = False
         try:
             async for out in stream:
+                if trailing is not None and trailing.done():
+                    trailing.result()  # raises for messages after end_of_input
                 now = time.time()
+                outcome.worker = stream.worker.name  # a retry may have moved it
+                outcome.cached_tokens = max(outcome.cached_tokens, out.num_cached_tokens)
                 if out.queue_seconds is not None:
                     outcome.queue_seconds = out.queue_seconds
-                    outcome.cached_tokens = out.num_cached_tokens
                 if out.tokens:
                     if outcome.ttft_seconds is None:
+                        queue_slot.release()
                         outcome.ttft_seconds = now - arrival
                         self.metrics.ttft.labels(outcome.worker).observe(outcome.ttft_seconds)
                     elif last_token_time is not None:
@@ -301,7 +395,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
                     outcome.reason = out.finish_reason or FinishReason.ERROR
                     error_message = out.error or ""
                     if outcome.reason is FinishReason.STOP_TOKEN and out.tokens:
-                        matched_stop = self.builder.tokenizer.convert_ids_to_tokens(out.tokens[-1].token_id) or ""
+                        matched_stop = self.tokenizer.convert_ids_to_tokens(out.tokens[-1].token_id) or ""
                 if out.tokens or text.text:
                     yield response(delta=pb.ChatDelta(text=text.text, tokens=[_token_info(t) for t in out.tokens]))
                 if text.stop is not None or out.finished:
@@ -316,14 +410,14 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
         finally:
             if not done:
                 self.router.abort(engine_id)
-            self._finish(request_id, outcome, prepared, arrival)
+            self._finish(request_id, outcome, num_prompt, checked.image_tokens, arrival)
         total = time.time() - arrival
         yield response(
             finished=pb.ChatFinished(
                 finish_reason=FINISH[outcome.reason],
                 usage=pb.Usage(
-                    prompt_tokens=len(prepared.prompt_ids),
-                    image_tokens=prepared.image_tokens,
+                    prompt_tokens=num_prompt,
+                    image_tokens=checked.image_tokens,
                     completion_tokens=outcome.completion_tokens,
                     cached_tokens=outcome.cached_tokens,
                 ),
@@ -338,14 +432,14 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
             )
         )
 
-    def _finish(self, request_id: str, outcome: _Outcome, prepared: PreparedPrompt, arrival: float) -> None:
+    def _finish(self, request_id: str, outcome: _Outcome, prompt_tokens: int, image_tokens: int, arrival: float) -> None:
         total = time.time() - arrival
         self.metrics.request_finished(
             outcome.worker,
             outcome.reason.value,
-            prompt_tokens=len(prepared.prompt_ids),
+            prompt_tokens=prompt_tokens,
             cached_tokens=outcome.cached_tokens,
-            image_tokens=prepared.image_tokens,
+            image_tokens=image_tokens,
             generation_tokens=outcome.completion_tokens,
             queue_seconds=outcome.queue_seconds,
             ttft_seconds=outcome.ttft_seconds,
@@ -356,8 +450,8 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
             "request_id": request_id,
             "worker": outcome.worker,
             "finish_reason": outcome.reason.value,
-            "prompt_tokens": len(prepared.prompt_ids),
-            "image_tokens": prepared.image_tokens,
+            "prompt_tokens": prompt_tokens,
+            "image_tokens": image_tokens,
             "completion_tokens": outcome.completion_tokens,
             "cached_tokens": outcome.cached_tokens,
             "queue_s": round(outcome.queue_seconds or 0.0, 6),
@@ -366,7 +460,9 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
         }
         log.info("request finished", extra={"fields": record})
 
-    async def _count_tokens(self, request: pb.CountTokensRequest) -> pb.CountTokensResponse:
+    async def _count_tokens(self, request: pb.CountTokensRequest | Malformed) -> pb.CountTokensResponse:
+        _check_parsed(request)
+        assert isinstance(request, pb.CountTokensRequest)
         check_image_limits(self.config, [len(b) for b in request.images])
         call = Call(
             messages=convert_messages(request.messages),
@@ -375,18 +471,26 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
             num_crops=resolve_num_crops(request.image_options),
             request_id="",
         )
-        prepared = await self._prepare(call)
+        checked = self.preparer.check(call.messages, call.images, num_crops_for(call), 0)
+        prompt = await self.preparer.count(checked)
         return pb.CountTokensResponse(
-            prompt_tokens=len(prepared.prompt_ids),
-            text_tokens=len(prepared.prompt_ids) - prepared.image_tokens,
-            image_tokens=prepared.image_tokens,
+            prompt_tokens=prompt.num_prompt_tokens,
+            text_tokens=prompt.num_prompt_tokens - checked.image_tokens,
+            image_tokens=checked.image_tokens,
             images=[
-                pb.ImageTokenCount(image_index=k, width=i.width, height=i.height, num_crops=i.num_crops, tokens=i.tokens)
-                for k, i in enumerate(prepared.images)
+                pb.ImageTokenCount(
+                    image_index=k,
+                    width=p.header.width,
+                    height=p.header.height,
+                    num_crops=p.num_crops,
+                    tokens=p.tokens,
+                )
+                for k, p in enumerate(checked.plans)
             ],
         )
 
-    async def _model_info(self) -> pb.GetModelInfoResponse:
+    async def _model_info(self, request: pb.GetModelInfoRequest | Malformed) -> pb.GetModelInfoResponse:
+        _check_parsed(request)
         workers = []
         dtype = ""
         for w in self.router.workers:
@@ -400,7 +504,7 @@ class VisionChatServiceServicer(pb_grpc.VisionChatServiceServicer):
                     alive=w.alive,
                     kv_blocks_total=stats.kv_blocks_total if stats else 0,
                     kv_blocks_free=stats.kv_blocks_free if stats else 0,
-                    kv_block_size=w.settings.config.block_size,
+                    kv_block_size=w.settings.engine.block_size,
                     running_requests=stats.num_running if stats else 0,
                     waiting_requests=stats.num_waiting if stats else 0,
                 )
@@ -434,4 +538,3 @@ def _token_info(token: Any) -> pb.TokenInfo:
         info.logprob = token.logprob
         info.top_logprobs.extend(pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs)
     return info
-

@@ -1,8 +1,9 @@
-"""Per-worker engine: scheduler, paged KV cache, model runner, sampler."""
+"""Per-worker engine: scheduler, paged KV cache, encoder cache, model runner, sampler."""
 
-from .engine import Engine, EngineConfig, EngineStats, check_fits
+from .engine import Engine, EngineConfig, EngineStats, StepResult, StepTimings, check_fits
 from .errors import RequestFailed, RequestRefused
-from .request import EngineRequest, FinishReason, ImagePayload, RequestOutput, SamplingOptions, TokenOutput
+from .pixels import PixelFile, PixelSource, TensorPixels
+from .request import EngineRequest, FinishReason, ImageInput, RequestOutput, SamplingOptions, TokenOutput
 
 __all__ = [
     "Engine",
@@ -10,11 +11,16 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "FinishReason",
-    "ImagePayload",
+    "ImageInput",
+    "PixelFile",
+    "PixelSource",
     "RequestFailed",
     "RequestOutput",
     "RequestRefused",
     "SamplingOptions",
+    "StepResult",
+    "StepTimings",
+    "TensorPixels",
     "TokenOutput",
     "check_fits",
 ]

@@ -1,21 +1,21 @@
-"""The engine of one worker: schedule, run the model, sample, report. One call to `step` is one
-forward pass over every request that makes progress in it."""
+"""The engine of one worker: schedule, run the model, apply the results. One call to `step` is one
+forward pass over every request that makes progress in it, and returns everything that step did."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model import Phi3VForCausalLM
 from ..model.attention import AttentionBackend
 from .block_pool import BlockPool
-from .kv_cache import KVCache, KVCacheSpec, blocks_needed
+from .encoder_cache import EncoderCache, EncoderCacheStats
 from .errors import RequestFailed, RequestRefused
-from .model_runner import ModelRunner, StepStats
+from .kv_cache import KVCache, KVCacheSpec, blocks_needed
+from .model_runner import ModelRunner, RunnerOutput
 from .request import EngineRequest, FinishReason, RequestOutput, TokenOutput
-from .sampler import SamplingRow, sample
-from .scheduler import Scheduler, SchedulerLimits
+from .scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from .sequence import Sequence
 
 
@@ -26,8 +26,9 @@ class EngineConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
-    max_vision_crops: int = 32
-    max_image_embed_tokens: int = 32768
+    max_vision_crops: int = 16  # tiles per vision-tower forward (micro-batch)
+    vision_tiles_per_step: int = 1 << 30  # tiles encoded per engine step
+    max_image_embed_tokens: int = 32768  # encoder-cache capacity in embedding rows
 
 
 def check_fits(
@@ -55,8 +56,10 @@ def check_fits(
         )
     need = blocks_needed(total, block_size)
     if need > num_blocks:
+        prompt_blocks = blocks_needed(prompt_len, block_size)
+        blame = "kv_cache_memory_prompt" if prompt_blocks > num_blocks else "kv_cache_memory"
         raise RequestRefused(
-            "kv_cache_memory",
+            blame,
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {need} KV blocks of "
             f"{block_size} tokens; the worker's KV pool has {num_blocks} blocks ({num_blocks * block_size} tokens)",
         )
@@ -71,6 +74,24 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     num_cached_blocks: int = 0
+    encoder_cache: EncoderCacheStats | None = None
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    num_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_tiles: int = 0  # vision-tower tiles encoded
+    num_images_encoded: int = 0  # images whose last tile was encoded in the step
+    vision_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    timings: StepTimings = field(default_factory=StepTimings)
 
 
 class Engine:
@@ -86,12 +107,14 @@ class Engine:
             )
         self.kv_cache = KVCache(spec, num_blocks, model.device)
         self.pool = BlockPool(num_blocks)
+        self.encoder_cache = EncoderCache(config.max_image_embed_tokens)
         self.scheduler = Scheduler(
-            self.pool, SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.block_size, config.max_image_embed_tokens)
+            self.pool,
+            self.encoder_cache,
+            SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.block_size, max(1, config.vision_tiles_per_step)),
         )
         self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops)
         self.sequences: dict[str, Sequence] = {}
-        self.last_step = StepStats()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -102,6 +125,7 @@ class Engine:
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
             num_cached_blocks=self.pool.num_cached,
+            encoder_cache=self.encoder_cache.stats(),
         )
 
     def has_work(self) -> bool:
@@ -131,7 +155,9 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.remove(seq)
-        return RequestOutput(request_id, finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens)
+        return RequestOutput(
+            request_id, finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens
+        )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         opts = seq.request.sampling
@@ -143,31 +169,67 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def step(self) -> list[RequestOutput]:
-        self.last_step = StepStats()
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+    def _inputs_from_cache(self, plan: SchedulerOutput) -> tuple[dict[bytes, torch.Tensor], dict[bytes, list[torch.Tensor]]]:
+        """The complete embeddings the step's chunks read and the partial tile features of the images
+        its vision work completes."""
+        embeds: dict[bytes, torch.Tensor] = {}
+        for chunk in plan.chunks:
+            for index in chunk.seq.pinned_images:
+                key = chunk.seq.request.images[index].key
+                if key not in embeds and self.encoder_cache.is_complete(key):
+                    embeds[key] = self.encoder_cache.embeds(key)
+        partial = {
+            w.image.key: self.encoder_cache.partial_features(w.image.key)
+            for w in plan.encodes
+            if w.completes_image and w.tile_lo > 0
+        }
+        return embeds, partial
+
+    def step(self) -> StepResult:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return StepResult()
+        embeds, partial = self._inputs_from_cache(plan)
         try:
-            sampling_chunks, logits, self.last_step = self.runner.execute(chunks)
+            ran = self.runner.execute(plan, embeds, partial)
         except RequestFailed as exc:
             failed = self.abort(exc.request_id, FinishReason.ERROR, str(exc))
-            return [failed] if failed else []
-        for chunk in chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
-            chunk.seq.release_consumed_images()
-            self.scheduler.cache_full_blocks(chunk.seq)
+            return StepResult([failed] if failed else [])
+        return StepResult(self._apply(plan, ran), self._timings(ran))
 
-        rows = [SamplingRow(c.seq.request.sampling, c.seq.token_ids, c.seq.generator) for c in sampling_chunks]
-        tokens = sample(logits, rows) if rows else []
-        return [self._record(chunk.seq, token) for chunk, token in zip(sampling_chunks, tokens)]
+    def _timings(self, ran: RunnerOutput) -> StepTimings:
+        return StepTimings(
+            num_tokens=ran.num_tokens,
+            num_decode_tokens=ran.num_decode_tokens,
+            num_tiles=ran.num_tiles,
+            num_images_encoded=len(ran.completed_images),
+            vision_seconds=ran.vision_seconds,
+            forward_seconds=ran.forward_seconds,
+            sample_seconds=ran.sample_seconds,
+        )
+
+    def _apply(self, plan: SchedulerOutput, ran: RunnerOutput) -> list[RequestOutput]:
+        """The engine alone updates its state: the encoder cache, each sequence's progress, the prefix
+        cache, and the sampled tokens."""
+        for key, lo, features in ran.tile_features:
+            self.encoder_cache.add_tiles(key, lo, features)
+        for key, rows in ran.completed_images.items():
+            self.encoder_cache.complete(key, rows)
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if chunk.num_tokens == 0:
+                continue
+            seq.num_computed_tokens += chunk.num_tokens
+            seq.kv_long_rope = seq.wants_long_rope
+            self.scheduler.release_consumed_images(seq)
+            self.scheduler.cache_full_blocks(seq)
+        return [self._record(seq, token) for seq, token in ran.sampled]
 
     def _record(self, seq: Sequence, token: TokenOutput) -> RequestOutput:
         seq.token_ids.append(token.token_id)
-        out = RequestOutput(seq.request_id, tokens=[token], num_prompt_tokens=seq.num_prompt_tokens)
+        out = RequestOutput(seq.request_id, tokens=[token], num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
         if not seq.queue_reported and seq.first_scheduled_time is not None:
             out.queue_seconds = max(0.0, seq.first_scheduled_time - seq.request.arrival_time)
-            out.num_cached_tokens = seq.num_cached_tokens
             seq.queue_reported = True
         reason = self._stop_reason(seq, token.token_id)
         if reason is not None:
@@ -183,6 +245,6 @@ class Engine:
             self.add_request(request)
         outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
         while self.has_work():
-            for out in self.step():
+            for out in self.step().outputs:
                 outputs[out.request_id].extend(t.token_id for t in out.tokens)
         return outputs

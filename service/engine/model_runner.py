@@ -1,45 +1,44 @@
-"""Turns a list of scheduled chunks into one flattened model step and runs it.
+"""Turns one scheduled step into model work: vision tiles, one flattened forward, sampling.
 
-Owns the model, the KV cache tensors and the attention backend. Image embeddings are computed here,
-per image, the first time a chunk covers that image's positions (the vision tower runs in
-micro-batches of `max_vision_crops` crops), and released once prefill has consumed them.
+Reads sequences, never changes them: what it computed comes back as a `RunnerOutput` for the engine
+to apply. Step inputs are built as plain Python lists and turned into one tensor per field, so the
+cost of a step does not grow with per-sequence tensor allocations.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model import AttentionMetadata, Phi3VForCausalLM, PrefillSpan, StepInputs
 from ..model.attention import AttentionBackend
-from ..processor.image import decode_image, preprocess_image
 from .errors import RequestFailed
 from .kv_cache import KVCache
-from .scheduler import ScheduledChunk
+from .pixels import PixelsGone
+from .request import TokenOutput
+from .sampler import SamplingRow, sample
+from .scheduler import EncodeWork, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
-
-# The frontend already enforced the configured pixel limit; this only guards against a bug upstream.
-_WORKER_MAX_PIXELS = 1 << 31
 
 
 @dataclass
-class StepStats:
+class RunnerOutput:
+    sampled: list[tuple[Sequence, TokenOutput]] = field(default_factory=list)
+    tile_features: list[tuple[bytes, int, torch.Tensor]] = field(default_factory=list)  # (image key, first tile, features)
+    completed_images: dict[bytes, torch.Tensor] = field(default_factory=dict)  # image key -> embedding rows
     num_tokens: int = 0
     num_decode_tokens: int = 0
+    num_tiles: int = 0
     vision_seconds: float = 0.0
-    num_images_encoded: int = 0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: Phi3VForCausalLM,
-        kv_cache: KVCache,
-        backend: AttentionBackend,
-        max_vision_crops: int,
-    ) -> None:
+    def __init__(self, model: Phi3VForCausalLM, kv_cache: KVCache, backend: AttentionBackend, max_vision_crops: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -47,111 +46,145 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
         self.device = model.device
 
-    def _encode_images(self, seq: Sequence, indices: list[int], stats: StepStats) -> None:
-        start = time.perf_counter()
+    # --- vision ----------------------------------------------------------------------------------
+
+    def _read_tiles(self, work: EncodeWork) -> torch.Tensor:
         try:
-            processed = [
-                preprocess_image(decode_image(seq.request.images[i].data, _WORKER_MAX_PIXELS), seq.request.images[i].num_crops)
-                for i in indices
-            ]
-        except ValueError as exc:
-            raise RequestFailed(seq.request_id, f"image preprocessing failed: {exc}") from exc
-        embeds = self.model.vision(
-            [p.pixel_values.to(self.device) for p in processed],
-            [p.image_size for p in processed],
-            self.max_vision_crops,
-        )
-        for i, rows in zip(indices, embeds.split([p.num_tokens for p in processed])):
-            seq.image_embeds[i] = rows
-        stats.vision_seconds += time.perf_counter() - start
-        stats.num_images_encoded += len(indices)
+            return work.image.pixels.read(work.tile_lo, work.tile_hi)
+        except PixelsGone as exc:
+            raise RequestFailed(work.request_id, f"the image's pixels are gone ({exc}); the request ended") from exc
+        except (OSError, ValueError) as exc:
+            raise RequestFailed(work.request_id, f"cannot read the image's pixels: {exc}") from exc
 
-    def _image_rows(self, seq: Sequence, lo: int, hi: int, base: int, stats: StepStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Embedding rows for image positions in [lo, hi) and their flat indices (base = flat index of lo)."""
-        spans = [s for s in seq.image_spans if s.start < hi and s.end > lo]
-        missing = [s.index for s in spans if s.index not in seq.image_embeds]
-        if missing:
-            self._encode_images(seq, missing, stats)
-        rows, index = [], []
-        for s in spans:
-            a, b = max(lo, s.start), min(hi, s.end)
-            rows.append(seq.image_embeds[s.index][a - s.start : b - s.start])
-            index.append(torch.arange(base + a - lo, base + b - lo))
-        return rows, index
+    def run_vision(
+        self, encodes: list[EncodeWork], partial: Mapping[bytes, list[torch.Tensor]], out: RunnerOutput
+    ) -> None:
+        """Tile features for every work item, in micro-batches; images whose last tile is among them
+        are laid out and projected into embedding rows."""
+        if not encodes:
+            return
+        start = time.perf_counter()
+        tiles = torch.cat([self._read_tiles(w) for w in encodes]).to(self.device)
+        features = self.model.vision.crop_features(tiles, self.max_vision_crops)
+        done_here: dict[bytes, list[torch.Tensor]] = {}
+        for work, feats in zip(encodes, features.split([w.tile_hi - w.tile_lo for w in encodes])):
+            key = work.image.key
+            done_here.setdefault(key, []).append(feats)
+            if work.completes_image:
+                all_tiles = torch.cat([*partial.get(key, []), *done_here.pop(key)])
+                out.completed_images[key] = self.model.vision.embed_tiles(all_tiles, work.image.image_size)
+            else:
+                out.tile_features.append((key, work.tile_lo, feats))
+        out.num_tiles = tiles.shape[0]
+        out.vision_seconds = time.perf_counter() - start
 
-    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    # --- the flattened step ----------------------------------------------------------------------
 
-    def build_step(self, chunks: list[ScheduledChunk], stats: StepStats) -> tuple[StepInputs, list[ScheduledChunk]]:
-        # Single-token chunks first: the attention backend batches them as decodes.
-        chunks = sorted(chunks, key=lambda c: c.num_tokens > 1)
-        ids, positions, long_flags, slots = [], [], [], []
-        image_rows: list[torch.Tensor] = []
-        image_index: list[torch.Tensor] = []
-        prefills: list[PrefillSpan] = []
+    def build_step(self, chunks: list[ScheduledChunk], embeds: Mapping[bytes, torch.Tensor]) -> tuple[StepInputs, list[ScheduledChunk]]:
+        """One forward's inputs: decode tokens first (the attention backend batches them), then the
+        prefill chunks. Returns the chunks in that order. `embeds` has every image the chunks cover."""
+        bs = self.block_size
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        long_flags: list[bool] = []
+        slots: list[int] = []
         logits_index: list[int] = []
-        decode_tables, decode_lens = [], []
-        flat = 0
-        for chunk in chunks:
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        image_rows: list[torch.Tensor] = []
+        image_index: list[int] = []
+
+        def take_image_rows(seq: Sequence, lo: int, hi: int, flat: int) -> None:
+            if lo >= seq.num_prompt_tokens:
+                return
+            for span in seq.image_spans:
+                if span.start < hi and span.end > lo:
+                    a, b = max(lo, span.start), min(hi, span.end)
+                    image_rows.append(embeds[seq.request.images[span.index].key][a - span.start : b - span.start])
+                    image_index.extend(range(flat + a - lo, flat + b - lo))
+
+        for i, chunk in enumerate(decodes):  # one token each: a decode, or a one-token prefill chunk
+            seq = chunk.seq
+            pos = seq.num_computed_tokens
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            long_flags.append(seq.wants_long_rope)
+            slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
+            decode_tables.append(seq.block_ids)
+            decode_lens.append(pos + 1)
+            take_image_rows(seq, pos, pos + 1, i)
+            if chunk.completes_known_tokens:
+                logits_index.append(i)
+
+        spans: list[PrefillSpan] = []
+        for chunk in prefills:
             seq, n = chunk.seq, chunk.num_tokens
             lo, hi = seq.num_computed_tokens, seq.num_computed_tokens + n
-            pos = torch.arange(lo, hi)
-            table = torch.tensor(seq.block_ids, dtype=torch.long)
-            ids.append(torch.tensor(seq.token_ids[lo:hi], dtype=torch.long))
-            positions.append(pos)
-            long_flags.append(torch.full((n,), seq.wants_long_rope, dtype=torch.bool))
-            slots.append(self._slots(table, pos))
-            if seq.image_spans and lo < seq.num_prompt_tokens:
-                rows, index = self._image_rows(seq, lo, hi, flat, stats)
-                image_rows += rows
-                image_index += index
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(hi)
-            else:
-                used = table[: -(-hi // self.block_size)]
-                prefills.append(PrefillSpan(start=flat, num_tokens=n, context_len=hi, block_table=used.to(self.device)))
-            flat += n
+            flat = len(ids)
+            ids.extend(seq.token_ids[lo:hi])
+            positions.extend(range(lo, hi))
+            long_flags.extend([seq.wants_long_rope] * n)
+            table = seq.block_ids
+            slots.extend([table[p // bs] * bs + p % bs for p in range(lo, hi)])
+            take_image_rows(seq, lo, hi, flat)
+            used = table[: -(-hi // bs)]
+            spans.append(PrefillSpan(start=flat, num_tokens=n, context_len=hi, block_table=torch.tensor(used, dtype=torch.long, device=self.device)))
             if chunk.completes_known_tokens:
-                logits_index.append(flat - 1)
-        stats.num_tokens = flat
+                logits_index.append(len(ids) - 1)
 
-        nd = len(decode_lens)
-        stats.num_decode_tokens = nd
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = torch.zeros((nd, max_blocks), dtype=torch.long)
-        for i, t in enumerate(decode_tables):
-            tables[i, : len(t)] = t
-        lens = torch.tensor(decode_lens, dtype=torch.long)
-        mask = torch.arange(max_blocks * self.block_size)[None, :] < lens[:, None]
         dev = self.device
+        nd = len(decodes)
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long).reshape(nd, max_blocks)
+        lens = torch.tensor(decode_lens, dtype=torch.long)
+        mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
         attention = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=nd,
             decode_block_tables=tables.to(dev),
             decode_context_lens=lens.to(dev),
             decode_mask=mask[:, None, None, :].to(dev),
-            prefills=prefills,
+            prefills=spans,
         )
-        return StepInputs(
-            input_ids=torch.cat(ids).to(dev),
-            positions=torch.cat(positions).to(dev),
-            use_long_rope=torch.cat(long_flags).to(dev),
-            image_token_index=(torch.cat(image_index) if image_index else torch.empty(0, dtype=torch.long)).to(dev),
+        step = StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            use_long_rope=torch.tensor(long_flags, dtype=torch.bool, device=dev),
+            image_token_index=torch.tensor(image_index, dtype=torch.long, device=dev),
             image_embeds=torch.cat(image_rows) if image_rows else None,
             attention=attention,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
-        ), chunks
+        )
+        return step, decodes + prefills
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, StepStats]:
-        """Run one step. Returns the chunks in the order of the returned logits' rows and step stats.
+    def execute(
+        self,
+        plan: SchedulerOutput,
+        embeds: Mapping[bytes, torch.Tensor],
+        partial: Mapping[bytes, list[torch.Tensor]],
+    ) -> RunnerOutput:
+        """Run one step: this step's vision work, then one forward over every chunk with tokens, then
+        sampling for the chunks that complete their sequence's known tokens.
 
-        Only chunks that complete their sequence's known tokens get a logits row."""
-        stats = StepStats()
-        step, ordered = self.build_step(chunks, stats)
+        `embeds`: complete image embeddings the chunks need (from the encoder cache); `partial`: tile
+        features already computed for images this step completes."""
+        out = RunnerOutput()
+        self.run_vision(plan.encodes, partial, out)
+        chunks = [c for c in plan.chunks if c.num_tokens > 0]
+        if not chunks:
+            return out
+        start = time.perf_counter()
+        step, ordered = self.build_step(chunks, {**embeds, **out.completed_images})
+        out.num_tokens = step.input_ids.shape[0]
+        out.num_decode_tokens = step.attention.num_decode_tokens
         logits = self.model(step, self.kv_cache.layers, self.backend)
-        for chunk in ordered:
-            chunk.seq.kv_long_rope = chunk.seq.wants_long_rope
-        sampling = [c for c in ordered if c.completes_known_tokens]
-        return sampling, logits.cpu(), stats
+        sampling = [c.seq for c in ordered if c.completes_known_tokens]
+        out.forward_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        rows = [SamplingRow(s.request.sampling, s.token_ids, s.generator) for s in sampling]
+        out.sampled = list(zip(sampling, sample(logits, rows)))
+        out.sample_seconds = time.perf_counter() - start
+        return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .pixels import PixelSource
+
 
 class FinishReason(str, Enum):
     EOS = "eos"
@@ -35,17 +37,24 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
-class ImagePayload:
-    data: bytes  # the encoded file, decoded again in the worker where the pixels are needed
-    num_crops: int
-    num_tokens: int
+class ImageInput:
+    """One image of a request, already preprocessed: the worker never sees encoded image bytes.
+
+    `key` identifies the content (a hash of the encoded file and num_crops): equal keys mean equal
+    embeddings, which the encoder cache and the prefix cache rely on."""
+
+    key: bytes
+    num_tokens: int  # positions the image takes in the prompt
+    num_tiles: int  # 336-px crops through the vision tower: the global view + the HD sub-crops
+    image_size: tuple[int, int]  # (H, W) of the padded HD image
+    pixels: PixelSource
 
 
 @dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt_ids: tuple[int, ...]  # image k (0-based) appears as num_tokens copies of -(k + 1)
-    images: tuple[ImagePayload, ...]
+    images: tuple[ImageInput, ...]
     sampling: SamplingOptions
     arrival_time: float  # time.time() at the frontend
 
@@ -66,6 +75,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    # Tokens whose KV came from the prefix cache so far, over every (re)admission of the request.
     num_cached_tokens: int = 0
     # Seconds from arrival until the request was first scheduled (set once, on its first output).
     queue_seconds: float | None = None
@@ -73,3 +83,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merged_with(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by a later one of the same request, as one output."""
+        return RequestOutput(
+            request_id=self.request_id,
+            tokens=self.tokens + later.tokens,
+            finish_reason=later.finish_reason,
+            error=later.error,
+            num_prompt_tokens=self.num_prompt_tokens or later.num_prompt_tokens,
+            num_cached_tokens=max(self.num_cached_tokens, later.num_cached_tokens),
+            queue_seconds=self.queue_seconds if self.queue_seconds is not None else later.queue_seconds,
+        )

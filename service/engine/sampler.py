@@ -52,6 +52,11 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
 def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
     """logits: (S, vocab) float32, one row per sequence that samples this step."""
+    if not rows:
+        return []
+    if all(r.options.greedy and r.options.logprobs == 0 and r.options.repetition_penalty in (0.0, 1.0) for r in rows):
+        # The common case needs nothing but the argmax: one op, then only token ids leave the device.
+        return [TokenOutput(t) for t in logits.argmax(dim=-1).tolist()]
     work = logits
     if any(r.options.repetition_penalty not in (0.0, 1.0) for r in rows):
         work = _apply_repetition_penalty(logits.clone(), rows)

@@ -2,6 +2,7 @@
 
 Progress is one number, `num_computed_tokens`, chasing `num_tokens`: prefill, chunked prefill,
 decode and recompute after preemption are the same code path with different gaps between the two.
+Only the engine (and its scheduler) changes a sequence; the model runner only reads it.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def find_image_spans(prompt_ids: tuple[int, ...]) -> list[ImageSpan]:
     return spans
 
 
-def image_key(data: bytes, num_crops: int) -> int:
-    """A token-like key for every position of an image: negative, so it never equals a token id."""
-    h = hashlib.blake2b(data, digest_size=8, person=b"vc-image")
-    h.update(num_crops.to_bytes(1, "little"))  # the same file at another num_crops is another token run
-    return -1 - (int.from_bytes(h.digest(), "little") >> 2)
+def image_content_key(data: bytes, num_crops: int) -> bytes:
+    """The key of an image's embedding: its encoded bytes and the crop budget that shaped it."""
+    h = hashlib.blake2b(data, digest_size=16, person=b"vc-image")
+    h.update(num_crops.to_bytes(1, "little"))  # the same file at another num_crops is another image
+    return h.digest()
+
+
+def _token_key(image_key: bytes) -> int:
+    """A token-like stand-in for every position of an image: negative, so it never equals a token id."""
+    return -1 - (int.from_bytes(image_key[:8], "little") >> 2)
 
 
 def block_hash(parent: bytes, keys: list[int], long_rope: bool) -> bytes:
@@ -76,13 +82,13 @@ class Sequence:
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING
         self.image_spans = find_image_spans(request.prompt_ids)
-        self._image_keys = [image_key(img.data, img.num_crops) for img in request.images]
+        self._image_token_keys = [_token_key(img.key) for img in request.images]
         # Prefix-cache hashes of this sequence's full blocks, in order (valid for kv_long_rope).
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
-        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
-        # Image embedding rows, computed when a chunk first needs them and dropped once consumed.
-        self.image_embeds: dict[int, torch.Tensor] = {}
+        self.num_cached_tokens = 0  # tokens whose KV came from the prefix cache, every admission counted
+        # Images whose encoder-cache entries this sequence holds until its prefill has consumed them.
+        self.pinned_images: set[int] = set()
         # Which LongRoPE factors the cached keys were computed with.
         self.kv_long_rope = False
         self.long_rope_threshold = long_rope_threshold
@@ -120,14 +126,13 @@ class Sequence:
             self.first_scheduled_time = time.time()
 
     def reset_computation(self) -> None:
-        """Forget all computed KV (the caller frees the blocks): the next steps recompute it."""
+        """Forget all computed KV (the caller frees the blocks and the pinned images)."""
         self.num_computed_tokens = 0
-        self.image_embeds.clear()
         self.block_hashes.clear()
         self.num_registered_blocks = 0
 
     def _keys(self, lo: int, hi: int) -> list[int]:
-        return [t if t >= 0 else self._image_keys[-t - 1] for t in self.token_ids[lo:hi]]
+        return [t if t >= 0 else self._image_token_keys[-t - 1] for t in self.token_ids[lo:hi]]
 
     def full_block_hashes(self, num_tokens: int, block_size: int, long_rope: bool) -> list[bytes]:
         """Hashes of the full blocks among the first `num_tokens` tokens (extends `block_hashes`)."""
@@ -137,7 +142,6 @@ class Sequence:
             self.block_hashes.append(block_hash(parent, self._keys(i * block_size, (i + 1) * block_size), long_rope))
         return self.block_hashes[: num_tokens // block_size]
 
-    def release_consumed_images(self) -> None:
-        for span in self.image_spans:
-            if span.end <= self.num_computed_tokens:
-                self.image_embeds.pop(span.index, None)
+    def consumed_images(self) -> list[int]:
+        """Pinned images whose every position is computed: their embeddings are no longer needed."""
+        return [s.index for s in self.image_spans if s.index in self.pinned_images and s.end <= self.num_computed_tokens]

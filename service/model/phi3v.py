@@ -50,13 +50,14 @@ class Phi3VForCausalLM(nn.Module):
     def vision(self) -> ImageEmbedder:
         return self.model.vision_embed_tokens
 
+    # Read from a norm weight: the platform may swap the Linears for modules with packed weights.
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     def hidden_states(
         self, step: StepInputs, kv_caches: list[torch.Tensor], backend: AttentionBackend

@@ -85,6 +85,11 @@ class ImageEmbedder(nn.Module):
             [self._with_row_separators(sub), self.glb_GN.reshape(1, -1), self._with_row_separators(merged[0])]
         )
 
+    def embed_tiles(self, feats: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """One image's tile features (from `crop_features`, possibly computed over several steps)
+        -> its embedding rows (image tokens, hidden)."""
+        return self.img_projection(self.layout(feats, image_size))
+
     def forward(
         self,
         pixel_values: Sequence[torch.Tensor],
@@ -94,5 +99,4 @@ class ImageEmbedder(nn.Module):
         """Embeddings for the images in order, concatenated: (sum of image tokens, hidden)."""
         counts = [p.shape[0] for p in pixel_values]
         feats = self.crop_features(torch.cat(list(pixel_values)), max_crops_per_batch)
-        rows = [self.layout(f, size) for f, size in zip(feats.split(counts), image_sizes)]
-        return self.img_projection(torch.cat(rows))
+        return torch.cat([self.embed_tiles(f, size) for f, size in zip(feats.split(counts), image_sizes)])

@@ -40,6 +40,58 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this service can use; the message says why."""
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+
+
+# Pixel decodes done by this process. Observability only: the metrics prove where decoding happens
+# (the preprocessing pool) and where it never does (the model workers).
+_decodes = 0
+
+
+def decode_count() -> int:
+    """Images this process has decoded so far."""
+    return _decodes
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("image data is empty")
+    try:
+        return Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (a process-wide setting we leave alone) fired before ours could.
+        raise ImageDecodeError(f"image has too many pixels (limit {max_pixels}): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            "unsupported or unrecognised image format (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)"
+        ) from None
+    except Exception as exc:  # Pillow raises many types on malformed headers; all mean bad input.
+        raise ImageDecodeError(f"corrupt image header: {exc}") from None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image has too many pixels: {width}x{height} = {width * height} pixels, limit {max_pixels}"
+        )
+
+
+def probe_image(data: bytes, max_pixels: int) -> ImageHeader:
+    """Format and size from the header alone (no pixel is decoded): cheap enough for the event loop.
+    The decoded image always has this size (no EXIF transpose, no draft mode), so token counts
+    computed from it are exact."""
+    img = _open(data, max_pixels)
+    width, height = img.size
+    _check_pixels(width, height, max_pixels)
+    return ImageHeader(str(img.format), width, height)
+
+
 def decode_image(data: bytes, max_pixels: int, *, apply_exif_orientation: bool = False) -> Image.Image:
     """Decode encoded image bytes into a fully loaded RGB image.
 
@@ -52,27 +104,10 @@ def decode_image(data: bytes, max_pixels: int, *, apply_exif_orientation: bool =
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    if not data:
-        raise ImageDecodeError("image data is empty")
-    try:
-        img = Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        # Pillow's own guard (a process-wide setting we leave alone) fired before ours could.
-        raise ImageDecodeError(f"image has too many pixels (limit {max_pixels}): {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError(
-            "unsupported or unrecognised image format (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)"
-        ) from None
-    except Exception as exc:  # Pillow raises many types on malformed headers; all mean bad input.
-        raise ImageDecodeError(f"corrupt image header: {exc}") from None
-
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"image has an empty size {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image has too many pixels: {width}x{height} = {width * height} pixels, limit {max_pixels}"
-        )
+    img = _open(data, max_pixels)
+    _check_pixels(*img.size, max_pixels)
+    global _decodes
+    _decodes += 1
     try:
         img.load()
     except Exception as exc:  # OSError "image file is truncated", SyntaxError, zlib errors, ...
@@ -129,11 +164,26 @@ def hd_image_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     return (padded_h, new_w) if width >= height else (new_w, padded_h)
 
 
-def num_image_tokens(width: int, height: int, num_crops: int) -> int:
-    """Image tokens in the prompt: h*w sub-crops + the global view, 1 separator, a newline per merged row."""
+def _grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
     hd_h, hd_w = hd_image_size(width, height, num_crops)
-    h, w = hd_h // CROP_SIZE, hd_w // CROP_SIZE
+    return hd_h // CROP_SIZE, hd_w // CROP_SIZE
+
+
+def tokens_for_grid(h: int, w: int) -> int:
+    """Image tokens of an h x w crop grid: h*w sub-crops + the global view (144 each), 1 separator,
+    and a newline per merged row (12 per crop row, h + 1 rows with the global view's)."""
     return (h * w + 1) * TOKENS_PER_CROP + 1 + (h + 1) * _ROWS_PER_CROP
+
+
+def num_image_tokens(width: int, height: int, num_crops: int) -> int:
+    """Image tokens in the prompt for an image of this size."""
+    return tokens_for_grid(*_grid(width, height, num_crops))
+
+
+def num_image_tiles(width: int, height: int, num_crops: int) -> int:
+    """336-px crops the vision tower runs for an image of this size: the global view + h*w."""
+    h, w = _grid(width, height, num_crops)
+    return 1 + h * w
 
 
 @dataclass(frozen=True)
@@ -185,5 +235,5 @@ def preprocess_image(image: Image.Image, num_crops: int) -> ProcessedImage:
         .reshape(h * w, 3, CROP_SIZE, CROP_SIZE)
     )
     pixel_values = torch.cat([global_view, crops], dim=0).contiguous()
-    num_tokens = (h * w + 1) * TOKENS_PER_CROP + 1 + (h + 1) * _ROWS_PER_CROP
+    num_tokens = tokens_for_grid(h, w)
     return ProcessedImage(pixel_values=pixel_values, image_size=(height, width), num_tokens=num_tokens)

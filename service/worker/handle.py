@@ -1,9 +1,8 @@
-"""The frontend's handle on one worker process: start, send, receive, notice death, restart.
+"""The frontend's handle on one worker process: start, send, receive, notice death, kill, restart.
 
 Receiving never blocks the event loop: the pipe's file descriptor is watched with `add_reader` and
-read only when readable. Sending can block on a full pipe (a request with large images while the
-worker is busy in a step), so sends go through this handle's own single-thread executor, which also
-keeps them in order.
+read only when readable. Sending can block on a full pipe while the worker is busy in a step, so
+sends go through this handle's own single-thread executor, which also keeps them in order.
 """
 
 from __future__ import annotations
@@ -11,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 from ..engine import EngineStats
 from .process import worker_main
@@ -31,6 +32,8 @@ class WorkerState:
     restarts: int = 0
     ever_ready: bool = False  # this worker has served before: a death is a crash to heal, not a bad setup
     failures_since_ready: int = 0  # deaths since it was last ready (restart backoff)
+    last_heard: float = 0.0  # time.monotonic() of the last message from the process
+    stalled: bool = False  # the watchdog gave up on it; it is being killed
 
 
 class WorkerHandle:
@@ -39,12 +42,13 @@ class WorkerHandle:
         settings: WorkerSettings,
         on_message: Callable[[WorkerHandle, Any], None],
         on_exit: Callable[[WorkerHandle], None],
+        context: mp.context.BaseContext,
     ) -> None:
         self.settings = settings
-        self.name = f"worker{settings.index}"
+        self.name = settings.name
         self._on_message = on_message
         self._on_exit = on_exit
-        self._ctx = mp.get_context("spawn")
+        self._ctx = context
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ipc-send-{self.name}")
         self._conn: Connection | None = None
         self.process: mp.process.BaseProcess | None = None
@@ -54,7 +58,7 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return self.state.ready and self.process is not None and self.process.is_alive()
+        return self.state.ready and not self.state.stalled and self.process is not None and self.process.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -66,8 +70,9 @@ class WorkerHandle:
         self.process.start()
         child.close()  # so the parent end sees EOF when the worker dies
         self._conn = parent
-        self.state.ready = False
+        self.state.ready = self.state.stalled = False
         self.state.info = None
+        self.state.last_heard = time.monotonic()
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -76,6 +81,7 @@ class WorkerHandle:
         try:
             while conn.poll():
                 msg = conn.recv()
+                self.state.last_heard = time.monotonic()
                 if isinstance(msg, WorkerReady):
                     self.state.ready = self.state.ever_ready = True
                     self.state.failures_since_ready = 0
@@ -94,7 +100,7 @@ class WorkerHandle:
         self.state.ready = False
         self._spawn(self._reap())
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -112,6 +118,13 @@ class WorkerHandle:
         if not self._stopping:
             self.state.failures_since_ready += 1
             self._on_exit(self)
+
+    def kill(self) -> None:
+        """Stop a stalled worker now (SIGKILL also ends a SIGSTOPped process); its pipe's EOF then
+        goes the usual way of a dead worker: its requests are re-routed or failed, it restarts."""
+        self.state.stalled = True
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
 
     def restart(self) -> None:
         """Start again after a back-off that grows while restarts keep failing (1 s, 2 s, ... 30 s)."""

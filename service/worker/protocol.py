@@ -2,27 +2,37 @@
 
 Frontend -> worker: AddRequest, AbortRequest, Shutdown. Worker -> frontend: WorkerReady once, then
 one StepReport per engine step (all outputs of that step, never one message per token), and
-Rejected for a request the engine refused.
+Rejected for a request the engine refused. Image pixels never cross this pipe (engine.pixels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..config import ServerConfig
-from ..engine import EngineRequest, EngineStats, RequestOutput
+from ..engine import EngineConfig, EngineRequest, EngineStats, RequestOutput, StepTimings
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """One worker's start-up: the server's configuration plus what the frontend resolved for it."""
+    """Everything one worker process needs to start, and nothing of the frontend's configuration."""
 
     index: int
     device: str
-    model_dir: str  # the embedded default model's folder when --model is empty
-    max_model_len: int  # --max-context-tokens, or the model's context length
+    model_dir: str
+    dtype: str  # auto | float32 | bfloat16 | float16
     num_threads: int
-    config: ServerConfig
+    attention_backend: str
+    cpu_gemm: str  # auto | dense | onednn
+    # The engine's limits; kv_cache_memory_bytes is --kv-cache-memory, replaced by the profiled budget
+    # when kv_cache_fraction > 0 on an accelerator, and vision_tiles_per_step 0 means the platform's choice.
+    engine: EngineConfig
+    kv_cache_fraction: float
+    log_format: str
+    log_level: str
+
+    @property
+    def name(self) -> str:
+        return f"worker{self.index}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class WorkerReady:
     dtype: str
     attention_backend: str
     stats: EngineStats
+    engine: EngineConfig  # as the worker resolved it (KV bytes, vision tiles per step)
     load_seconds: float
     pid: int
 
@@ -58,18 +69,9 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class StepMetrics:
-    seconds: float
-    num_tokens: int
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    vision_seconds: float
-    num_images_encoded: int
-
-
-@dataclass
 class StepReport:
     outputs: list[RequestOutput]
     stats: EngineStats
-    step: StepMetrics | None = None
-    aborted: list[str] = field(default_factory=list)
+    timings: StepTimings | None = None  # None: a report of cancellations only, no step ran
+    seconds: float = 0.0  # wall time of the whole step (schedule, model, apply)
+    image_decodes: int = 0  # images this process has ever decoded: stays 0 (preprocessing does it)
