@@ -20,6 +20,7 @@ import asyncio
 import json
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ class PhaseResult:
     itl_p50_ms: float
     itl_p99_ms: float
     cpu_ms_per_token: float
+    step_ms: float  # mean engine step in the worker
+    forward_ms: float  # mean model forward + sampling of a step
+    step_overhead_ms: float  # step - forward: scheduling, input building, bookkeeping, IPC send
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,6 +67,22 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def histogram_sums(metrics_url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each histogram, over every worker."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out = {n: [0.0, 0.0] for n in names}
+    for line in text.splitlines():
+        for n in names:
+            if line.startswith(n + "_sum"):
+                out[n][0] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(n + "_count"):
+                out[n][1] += float(line.rsplit(" ", 1)[1])
+    return {n: (v[0], v[1]) for n, v in out.items()}
+
+
+STEP_HISTOGRAMS = ("visionchat_engine_step_seconds", "visionchat_model_forward_seconds")
 
 
 def server_cpu_seconds(pid: int) -> float:
@@ -100,7 +120,7 @@ async def one_request(stub: pb_grpc.VisionChatServiceStub, prompt: str, max_new_
     return first, gaps, tokens
 
 
-async def run_phase(address: str, pid: int, name: str, streams: int, per_stream: int, max_new_tokens: int) -> PhaseResult:
+async def run_phase(address: str, pid: int, metrics_url: str, name: str, streams: int, per_stream: int, max_new_tokens: int) -> PhaseResult:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.VisionChatServiceStub(channel)
         await one_request(stub, PROMPTS[0], 4)  # connection and caches warm
@@ -116,11 +136,17 @@ async def run_phase(address: str, pid: int, name: str, streams: int, per_stream:
                 gaps.extend(g)
                 tokens += n
 
+        steps0 = histogram_sums(metrics_url, STEP_HISTOGRAMS)
         cpu0 = server_cpu_seconds(pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(streams)))
         wall = time.perf_counter() - t0
         cpu = server_cpu_seconds(pid) - cpu0
+        steps1 = histogram_sums(metrics_url, STEP_HISTOGRAMS)
+    step_s, step_n = (steps1[STEP_HISTOGRAMS[0]][i] - steps0[STEP_HISTOGRAMS[0]][i] for i in (0, 1))
+    fwd_s, fwd_n = (steps1[STEP_HISTOGRAMS[1]][i] - steps0[STEP_HISTOGRAMS[1]][i] for i in (0, 1))
+    step_ms = 1000 * step_s / step_n if step_n else float("nan")
+    forward_ms = 1000 * fwd_s / fwd_n if fwd_n else float("nan")
     return PhaseResult(
         name=name,
         streams=streams,
@@ -133,6 +159,9 @@ async def run_phase(address: str, pid: int, name: str, streams: int, per_stream:
         itl_p50_ms=round(1000 * percentile(gaps, 0.5), 2),
         itl_p99_ms=round(1000 * percentile(gaps, 0.99), 2),
         cpu_ms_per_token=round(1000 * cpu / tokens, 3),
+        step_ms=round(step_ms, 3),
+        forward_ms=round(forward_ms, 3),
+        step_overhead_ms=round(step_ms - forward_ms, 3),
     )
 
 
@@ -162,11 +191,15 @@ def raw_forward_rate(model_dir: Path, batch: int, context: int, steps: int, thre
     from service.engine.scheduler import ScheduledChunk, SchedulerOutput
     from service.engine.sequence import Sequence
     from service.engine.request import EngineRequest, SamplingOptions
-    from service.model import load_model, select_attention_backend
+    from service.model import load_model
+    from service.platform import platform_for
 
-    torch.set_num_threads(threads)
+    # The server's own platform set-up (thread policy, measured GEMM paths), so the two rates compare.
+    platform = platform_for("cpu")
+    platform.configure_process(threads)
     model, _ = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
-    engine = Engine(model, EngineConfig(max_model_len=4096, kv_cache_memory_bytes=1 << 30), select_attention_backend("auto", torch.device("cpu")))
+    platform.prepare_model(model, {"decoder": min(batch, 16), "lm_head": min(batch, 16), "vision": 577, "projector": 1024}, "auto")
+    engine = Engine(model, EngineConfig(max_model_len=4096, kv_cache_memory_bytes=1 << 30), platform.attention_backend("auto", 256 << 20))
     seqs = []
     for i in range(batch):
         req = EngineRequest(f"r{i}", tuple([1] + [100 + i] * (context - 1)), (), SamplingOptions(max_new_tokens=steps + 1), time.time())
@@ -188,9 +221,10 @@ def run_model(label: str, model_dir: Path, args: argparse.Namespace, extra: list
     server = ServerProcess(["--model", str(model_dir), "--kv-cache-memory", args.kv_cache_memory, *args.server_args.split(), *extra]).start(timeout=600)
     assert server.proc is not None
     try:
-        results = [asdict(asyncio.run(run_phase(server.address, server.proc.pid, "one-at-a-time", 1, args.baseline_requests, args.max_new_tokens)))]
+        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        results = [asdict(asyncio.run(run_phase(server.address, server.proc.pid, metrics_url, "one-at-a-time", 1, args.baseline_requests, args.max_new_tokens)))]
         for n in args.streams:
-            results.append(asdict(asyncio.run(run_phase(server.address, server.proc.pid, f"{n} concurrent", n, args.requests_per_stream, args.max_new_tokens))))
+            results.append(asdict(asyncio.run(run_phase(server.address, server.proc.pid, metrics_url, f"{n} concurrent", n, args.requests_per_stream, args.max_new_tokens))))
     finally:
         server.stop()
     base = results[0]["tokens_per_second"]
@@ -201,7 +235,7 @@ def run_model(label: str, model_dir: Path, args: argparse.Namespace, extra: list
 
 def print_table(report: dict[str, object]) -> None:
     print(f"\n== {report['model']} ==")
-    cols = ["name", "requests", "tokens_per_second", "throughput_vs_one_at_a_time", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "cpu_ms_per_token"]
+    cols = ["name", "requests", "tokens_per_second", "throughput_vs_one_at_a_time", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "cpu_ms_per_token", "step_ms", "forward_ms", "step_overhead_ms"]
     print(" | ".join(cols))
     for r in report["phases"]:  # type: ignore[union-attr]
         print(" | ".join(str(r[c]) for c in cols))

@@ -48,6 +48,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = OMP_NUM_THREADS if set, else the usable CPUs (affinity and cgroup quota) split between CPU workers"),
     Option("dtype", str, "auto", "Compute dtype: auto (CPU: bf16 where the CPU has AVX512-BF16 or AMX, else fp32; GPU: bf16 where native, else fp16), float32, bfloat16, float16"),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
+    Option("attention-workspace", parse_bytes, "256MiB", "Per worker: keys and values gathered at once by the portable attention path; longer contexts are attended in chunks"),
     Option("cpu-gemm", str, "auto", "CPU matmul path of the model's Linears: auto (measured per weight shape at start-up), dense (torch/MKL) or onednn (prepacked weights)"),
     Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
     Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV pool, measured by a profiling step); overrides --kv-cache-memory when > 0"),
@@ -91,6 +92,7 @@ class ServerConfig:
     cpu_threads: int
     dtype: str
     attention_backend: str
+    attention_workspace: int
     cpu_gemm: str
     kv_cache_memory: int
     kv_cache_fraction: float
@@ -159,6 +161,8 @@ def validate(config: ServerConfig) -> None:
         problems.append("--kv-cache-fraction must be in [0, 1)")
     if config.default_max_new_tokens > config.max_new_tokens:
         problems.append("--default-max-new-tokens exceeds --max-new-tokens")
+    if config.attention_workspace < 1 << 20:
+        problems.append("--attention-workspace must be at least 1MiB")
     if config.cpu_gemm not in ("auto", "dense", "onednn"):
         problems.append("--cpu-gemm must be auto, dense or onednn")
     if config.vision_tiles_per_step < 0 or config.preprocess_workers < 0:

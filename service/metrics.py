@@ -41,6 +41,8 @@ class Metrics:
         self.image_tokens_hist = Histogram(p + "request_image_tokens", "Image tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
         self.generation_tokens_hist = Histogram(p + "request_generation_tokens", "Generated tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
         self.step_tokens = Histogram(p + "iteration_tokens", "Tokens per engine step (decode + prefill)", w, buckets=STEP_TOKEN_BUCKETS, registry=r)
+        self.step_seconds = Histogram(p + "engine_step_seconds", "Wall time of an engine step in the worker (scheduling, vision, forward, sampling, bookkeeping)", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.forward_seconds = Histogram(p + "model_forward_seconds", "Wall time of an engine step's model forward and sampling (vision excluded)", w, buckets=LATENCY_BUCKETS, registry=r)
 
         self.running = Gauge(p + "num_requests_running", "Requests in a worker's running batch", w, registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests queued in a worker, not yet running", w, registry=r)
@@ -78,6 +80,7 @@ class Metrics:
         self._per_worker = (
             self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.vision,
             self.prompt_tokens_hist, self.image_tokens_hist, self.generation_tokens_hist, self.step_tokens,
+            self.step_seconds, self.forward_seconds,
             self.prompt_tokens, self.cached_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
             self.stalls, self.worker_image_decodes, self.vision_tiles, self.encoder_cache_hits, self.encoder_cache_misses,
         )
@@ -155,8 +158,10 @@ class Metrics:
         self._advance(name, self.worker_image_decodes, "decodes", report.image_decodes)
         step = report.timings
         if step is not None:
+            self.step_seconds.labels(name).observe(report.seconds)
             if step.num_tokens:
                 self.step_tokens.labels(name).observe(step.num_tokens)
+                self.forward_seconds.labels(name).observe(step.forward_seconds + step.sample_seconds)
             if step.num_tiles:
                 self.vision_tiles.labels(name).inc(step.num_tiles)
             if step.num_images_encoded:

@@ -23,6 +23,7 @@ from .engine import EngineConfig
 from .metrics import Metrics
 from .model.loader import inspect_checkpoint
 from .platform import usable_cpus
+from .platform.cpu import set_openmp_environment
 from .preprocess.pixel_store import PixelStore
 from .preprocess.pool import PreprocessPool
 from .preprocess.preparer import Preparer
@@ -81,6 +82,7 @@ def worker_settings(config: ServerConfig, model_dir: Path, devices: list[str], c
             dtype=config.dtype,
             num_threads=threads[i],
             attention_backend=config.attention_backend,
+            attention_workspace=config.attention_workspace,
             cpu_gemm=config.cpu_gemm,
             engine=engine,
             kv_cache_fraction=config.kv_cache_fraction,
@@ -202,6 +204,8 @@ class VisionChatServer:
 
         # Tests and operators read this line to find ports chosen with 0.
         print(f"VisionChat {__version__} listening on {config.host}:{self.port} metrics on {config.host}:{self.metrics_port}", flush=True)
+        if any(s.device == "cpu" for s in self.settings):
+            set_openmp_environment()  # inherited by the worker processes about to start
         self.router.start()
         ready = loop.create_task(self._become_ready(pool))
         failed = loop.create_task(self.router.startup_failed.wait())

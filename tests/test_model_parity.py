@@ -23,6 +23,7 @@ from service.engine import Engine, EngineConfig, EngineRequest, ImageInput, Samp
 from service.engine.kv_cache import blocks_needed
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
+from service.model.attention import TorchPagedAttention
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
@@ -290,3 +291,36 @@ def test_seeded_sampling_is_reproducible(cases, model, backend) -> None:
 
     different = run(make_engine(model, backend), [_text_request("s", 40, sampling(8))])["s"]
     assert different != alone
+
+
+def test_a_tiny_attention_workspace_gives_golden_tokens(cases, model, text_alone) -> None:
+    # 64 KiB holds 42 tokens of keys and values of the fixture model: every decode group is a handful of
+    # sequences, most contexts are attended in chunks of keys merged by log-sum-exp, and every chunked
+    # prefill step's cached context too. The tokens must not change.
+    backend = TorchPagedAttention(workspace_bytes=64 << 10)
+    engine = make_engine(model, backend, chunk=300)
+    assert backend.decode_group_tokens(2, 96, torch.float32) == 42
+    requests = [cases[n].request() for n in CASES] + [_text_request(f"text{n}", n) for n in text_alone]
+    out = run(engine, requests)
+    for name in CASES:
+        assert out[name] == cases[name].gen_tokens, name
+    for n, tokens in text_alone.items():
+        assert out[f"text{n}"] == tokens
+    assert backend._workspace is not None and backend._workspace.numel() * 4 <= 64 << 10
+
+
+def test_chunked_attention_equals_one_pass() -> None:
+    gen = torch.Generator().manual_seed(0)
+    heads, head_dim, block_size, blocks = 4, 32, 16, 40
+    cache = torch.randn(2, heads, blocks, block_size, head_dim, generator=gen)
+    table = torch.randperm(blocks, generator=gen)[:30]
+    context = 30 * block_size - 5
+    q = torch.randn(heads, 7, head_dim, generator=gen)  # the last 7 positions of the context
+    keys = cache[0][:, table].flatten(1, 2)[:, :context]
+    values = cache[1][:, table].flatten(1, 2)[:, :context]
+    rows = torch.arange(context - 7, context)[:, None]
+    mask = torch.arange(context)[None, :] <= rows
+    reference = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.2)
+    for workspace in (4 << 10, 64 << 10, 1 << 20):
+        chunked = TorchPagedAttention(workspace_bytes=workspace)._attend_in_chunks(q, cache, table, context, 0.2)
+        torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)

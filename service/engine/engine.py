@@ -3,6 +3,7 @@ forward pass over every request that makes progress in it, and returns everythin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,7 @@ class Engine:
                 f"--kv-cache-memory {config.kv_cache_memory_bytes} bytes holds no KV block "
                 f"(one block of {config.block_size} tokens needs {spec.bytes_per_block} bytes)"
             )
-        self.kv_cache = KVCache(spec, num_blocks, model.device)
+        self.kv_cache = KVCache(spec, num_blocks, model.device, backend)
         self.pool = BlockPool(num_blocks)
         self.encoder_cache = EncoderCache(config.max_image_embed_tokens)
         self.scheduler = Scheduler(
@@ -115,6 +116,11 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops)
         self.sequences: dict[str, Sequence] = {}
+
+    def set_vision_tiles_per_step(self, tiles: int) -> None:
+        """Bound each step's vision work (decided after the warm-up measured the vision tower)."""
+        self.config = dataclasses.replace(self.config, vision_tiles_per_step=tiles)
+        self.scheduler.limits = dataclasses.replace(self.scheduler.limits, vision_tiles_per_step=max(1, tiles))
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.attention import AttentionBackend
 from ..model.config import ModelConfig
 
 
@@ -39,11 +40,10 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """Per layer one tensor (2, kv_heads, num_blocks, block_size, head_dim): keys then values,
-    head-major so that a sequence's gathered keys are contiguous per head."""
+    """Per layer one tensor in the attention backend's layout (keys and values of every block)."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device, backend: AttentionBackend) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (2, spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
+        shape = backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.layers = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

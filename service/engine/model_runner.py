@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import AttentionMetadata, Phi3VForCausalLM, PrefillSpan, StepInputs
+from ..model.attention import DecodeGroup
 from ..model.attention import AttentionBackend
 from .errors import RequestFailed
 from .kv_cache import KVCache
@@ -80,11 +81,36 @@ class ModelRunner:
 
     # --- the flattened step ----------------------------------------------------------------------
 
-    def build_step(self, chunks: list[ScheduledChunk], embeds: Mapping[bytes, torch.Tensor]) -> tuple[StepInputs, list[ScheduledChunk]]:
-        """One forward's inputs: decode tokens first (the attention backend batches them), then the
-        prefill chunks. Returns the chunks in that order. `embeds` has every image the chunks cover."""
+    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
+        """Consecutive decode tokens (longest context first) whose padded, gathered keys fit the
+        backend's workspace; a sequence that alone exceeds it is a group of its own."""
+        spec = self.kv_cache.spec
+        room = self.backend.decode_group_tokens(spec.num_kv_heads, spec.head_dim, spec.dtype)
         bs = self.block_size
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        groups: list[DecodeGroup] = []
+        start = 0
+        while start < len(tables):
+            width = len(tables[start])  # blocks of the group's longest sequence
+            count = max(1, min(len(tables) - start, room // (width * bs)))
+            rows = tables[start : start + count]
+            groups.append(
+                DecodeGroup(
+                    start=start,
+                    count=count,
+                    block_tables=torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.long, device=self.device),
+                    context_lens=torch.tensor(lens[start : start + count], dtype=torch.long, device=self.device),
+                    max_len=lens[start],
+                )
+            )
+            start += count
+        return groups
+
+    def build_step(self, chunks: list[ScheduledChunk], embeds: Mapping[bytes, torch.Tensor]) -> tuple[StepInputs, list[ScheduledChunk]]:
+        """One forward's inputs: decode tokens first, longest context first (the attention backend
+        groups them by what its workspace holds), then the prefill chunks. Returns the chunks in that
+        order. `embeds` has every image the chunks cover."""
+        bs = self.block_size
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: -len(c.seq.block_ids))
         prefills = [c for c in chunks if c.num_tokens > 1]
         ids: list[int] = []
         positions: list[int] = []
@@ -135,17 +161,10 @@ class ModelRunner:
                 logits_index.append(len(ids) - 1)
 
         dev = self.device
-        nd = len(decodes)
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long).reshape(nd, max_blocks)
-        lens = torch.tensor(decode_lens, dtype=torch.long)
-        mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
         attention = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=nd,
-            decode_block_tables=tables.to(dev),
-            decode_context_lens=lens.to(dev),
-            decode_mask=mask[:, None, None, :].to(dev),
+            num_decode_tokens=len(decodes),
+            decode_groups=self._decode_groups(decode_tables, decode_lens),
             prefills=spans,
         )
         step = StepInputs(

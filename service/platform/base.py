@@ -55,8 +55,11 @@ class Platform:
         Returns what was decided, for the worker's log."""
         return []
 
-    def attention_backend(self, name: str) -> AttentionBackend:
-        return select_attention_backend(name, self.device)
+    def attention_backend(self, name: str, workspace_bytes: int) -> AttentionBackend:
+        return select_attention_backend(name, self.device, workspace_bytes)
+
+    def measured_tile_seconds(self, seconds: float) -> None:
+        """The warm-up's vision time per tile (platforms that size vision work by time use it)."""
 
     def vision_tiles_per_step(self, configured: int) -> int:
         """Vision-tower tiles one engine step may encode (0 in the flag = this platform's choice)."""

@@ -1,18 +1,25 @@
-"""CPU: fp32 unless the CPU computes bf16 natively, measured GEMM paths, bounded vision work per step."""
+"""CPU: fp32 unless the CPU computes bf16 natively, measured GEMM paths, one thread for per-token
+work and all of the worker's threads for big work, bounded vision work per step."""
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 
 import torch
 
 from .base import Platform
-from .cpu_gemm import GemmChoice, apply_gemm_paths
+from .cpu_gemm import GemmChoice, Threads, WideAbove, apply_gemm_paths
 
 # One engine step's vision work: a CPU encodes a full-size CLIP tile in seconds, so a step holds as
 # many tiles as fit this time (at least one), and decoding streams step in between.
 VISION_SECONDS_PER_STEP = 0.25
+# A decoder layer runs on all threads from this many tokens in the step (prefill chunks).
+WIDE_STEP_TOKENS = 256
+# OpenMP threads that finish a parallel region sleep at once instead of spinning: a worker's
+# second thread is busy only inside big GEMMs, and spinning in between would take the core that
+# the frontend and the preprocessing need. Read by libgomp when a worker process loads torch.
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -40,33 +47,43 @@ def linear_role(name: str) -> str:
     return "decoder"
 
 
+def set_openmp_environment() -> None:
+    """Give worker processes started from now on the CPU platform's OpenMP settings (an operator's
+    own values win)."""
+    for key, value in OPENMP_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 class CpuPlatform(Platform):
     kind = "cpu"
 
     def __init__(self, device: torch.device, flags: set[str] | None = None) -> None:
         super().__init__(device)
         self.flags = cpu_flags() if flags is None else flags
+        self.threads = Threads()
         self._tile_seconds: float | None = None
+
+    def configure_process(self, num_threads: int) -> None:
+        self.threads = Threads(narrow=1, wide=max(1, num_threads))
+        torch.set_num_threads(self.threads.narrow)
 
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16 if native_bf16(self.flags) else torch.float32
 
     def prepare_model(self, model, rows: dict[str, int], policy: str) -> list[GemmChoice]:  # type: ignore[no-untyped-def]
         try:
-            choices = apply_gemm_paths(model, linear_role, rows, policy)
+            choices = apply_gemm_paths(model, linear_role, rows, self.threads, policy)
         except RuntimeError as exc:
             raise ValueError(f"--cpu-gemm {policy}: not available for {model.dtype} on this CPU ({exc})") from exc
-        self._tile_seconds = self._time_one_tile(model)
+        vision = model.vision
+        vision.img_processor = WideAbove(vision.img_processor, 1, self.threads)
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = WideAbove(layer, WIDE_STEP_TOKENS, self.threads)
         return choices
 
-    @staticmethod
-    def _time_one_tile(model) -> float:  # type: ignore[no-untyped-def]
-        tile = torch.zeros(1, 3, 336, 336)
-        with torch.inference_mode():
-            model.vision.crop_features(tile, 1)  # first call pays one-off set-up costs
-            start = time.perf_counter()
-            model.vision.crop_features(tile, 1)
-        return time.perf_counter() - start
+    def measured_tile_seconds(self, seconds: float) -> None:
+        """The warm-up's vision time per tile, which sizes the vision work of a step."""
+        self._tile_seconds = seconds
 
     def vision_tiles_per_step(self, configured: int) -> int:
         if configured > 0:

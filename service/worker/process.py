@@ -46,13 +46,19 @@ def _synthetic_image(side: int, num_crops: int) -> tuple[ImageInput, int]:
 
 
 def warmup_request(
-    eos_token_id: int, capacity_tokens: int, image_budget: int, side: int = 64, num_crops: int = 1, text_tokens: int = 8
+    eos_token_id: int,
+    capacity_tokens: int,
+    image_budget: int,
+    side: int = 64,
+    num_crops: int = 1,
+    text_tokens: int = 8,
+    with_image: bool = True,
 ) -> EngineRequest:
-    """A text+image request that runs every kernel (decoder, vision tower, sampler) once, shrunk to
+    """A request that runs the decoder, the sampler and (with an image) the vision tower, shrunk to
     whatever the worker's limits allow (the image is left out if it cannot fit)."""
     template = 8  # <s><|user|>\n ... \n<|end|>\n<|assistant|> and the 2 generated tokens
     image, n = _synthetic_image(side, num_crops)
-    if n > image_budget or n + 1 + template >= capacity_tokens:
+    if not with_image or n > image_budget or n + 1 + template >= capacity_tokens:
         n = 0
     text_tokens = max(1, min(text_tokens, capacity_tokens - template - n - 1))
     image_part = (*([-1] * n), 1) if n else ()
@@ -106,6 +112,17 @@ def _kv_budget(settings: WorkerSettings, platform: Platform, model: Phi3VForCaus
     return budget
 
 
+@torch.inference_mode()
+def warm_up(engine: Engine, request: EngineRequest, platform: Platform) -> float:
+    """Run the decoder, the sampler and the vision tower once, so no request pays for first calls;
+    returns the vision tower's seconds per tile (one tile: a full-size tower on a CPU takes seconds)."""
+    engine.run_to_completion([request])
+    start = time.perf_counter()
+    engine.model.vision.crop_features(torch.zeros(1, 3, 336, 336, device=engine.model.device), 1)
+    platform.synchronize()
+    return time.perf_counter() - start
+
+
 def start_engine(settings: WorkerSettings) -> tuple[Engine, WorkerReady]:
     """Load the model on the device, give it the platform's fast paths, size the KV pool, warm up."""
     platform = platform_for(settings.device)
@@ -117,20 +134,19 @@ def start_engine(settings: WorkerSettings) -> tuple[Engine, WorkerReady]:
     rows = {
         "decoder": min(config.max_num_seqs, 16),
         "lm_head": min(config.max_num_seqs, 16),
-        "vision": VISION_ROWS_PER_TILE * min(config.max_vision_crops, 4),
+        "vision": VISION_ROWS_PER_TILE,
         "projector": PROJECTOR_ROWS,
     }
     for choice in platform.prepare_model(model, rows, settings.cpu_gemm):
         log.info("gemm path: %s", choice)
-    backend = platform.attention_backend(settings.attention_backend)
-    config = dataclasses.replace(
-        config,
-        kv_cache_memory_bytes=_kv_budget(settings, platform, model, backend),
-        vision_tiles_per_step=platform.vision_tiles_per_step(config.vision_tiles_per_step),
-    )
+    backend = platform.attention_backend(settings.attention_backend, settings.attention_workspace)
+    config = dataclasses.replace(config, kv_cache_memory_bytes=_kv_budget(settings, platform, model, backend))
     engine = Engine(model, config, backend)
     capacity = min(config.max_model_len, engine.pool.num_blocks * config.block_size)
-    engine.run_to_completion([warmup_request(model.config.eos_token_id, capacity, config.max_image_embed_tokens)])
+    text_only = warmup_request(model.config.eos_token_id, capacity, config.max_image_embed_tokens, with_image=False)
+    platform.measured_tile_seconds(warm_up(engine, text_only, platform))
+    engine.set_vision_tiles_per_step(platform.vision_tiles_per_step(config.vision_tiles_per_step))
+    config = engine.config
     ready = WorkerReady(
         device=str(platform.device),
         dtype=str(dtype).removeprefix("torch."),

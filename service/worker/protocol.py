@@ -22,6 +22,7 @@ class WorkerSettings:
     dtype: str  # auto | float32 | bfloat16 | float16
     num_threads: int
     attention_backend: str
+    attention_workspace: int  # bytes
     cpu_gemm: str  # auto | dense | onednn
     # The engine's limits; kv_cache_memory_bytes is --kv-cache-memory, replaced by the profiled budget
     # when kv_cache_fraction > 0 on an accelerator, and vision_tiles_per_step 0 means the platform's choice.
