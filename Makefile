@@ -1,5 +1,5 @@
-# VisionChat developer commands. `make serve` and `make test` are the two set-up commands of the README:
-# both create the virtual environment and generate the stubs on first use.
+# VisionChat developer commands. `make demo` and `make test` are the two set-up commands of the README:
+# both create the virtual environment (with the project installed in it) and generate the stubs on first use.
 SHELL := /bin/bash
 PY_VERSION ?= python3
 VENV ?= .venv
@@ -9,14 +9,16 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak lint clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak lint python-checks clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY_VERSION) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU torch build; a plain `pip install torch` would fetch several GB of CUDA wheels.
 	if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install -q "$(TORCH_WHEEL)"; else $(PIP) install -q "torch>=2.13.0"; fi
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	# The project itself, editable: `visionchat` and `visionchat-server` on the venv's PATH, importable from anywhere.
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: system-deps $(VENV)/.installed $(GEN)/python/.stamp node-deps
@@ -48,6 +50,13 @@ stubs: setup
 
 lint: setup
 	client/node/node_modules/.bin/buf lint proto
+	$(MAKE) --no-print-directory python-checks
+
+# ruff (lint + format) and mypy on the server and the client: part of `make test`.
+python-checks: $(VENV)/.installed $(GEN)/python/.stamp
+	$(VENV)/bin/ruff check service client
+	$(VENV)/bin/ruff format --check service client
+	$(VENV)/bin/mypy
 
 serve: setup
 	$(PY) -m service $(ARGS)
@@ -69,7 +78,7 @@ SOAK_MINUTES ?= 30
 soak: setup
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
-test: stubs
+test: stubs python-checks
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:

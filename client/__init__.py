@@ -5,7 +5,7 @@ from .errors import RpcErrorInfo, describe_rpc_error
 from .requests import DEFAULT_CHUNK_SIZE, PreparedRequest, prepare_request
 from .results import ResultAccumulator, StreamProtocolError
 from .sync import VisionChatClient
-from .types import ChatResult, Delta, ImageSource, TokenCount, TokenLogprob, Timings, Usage
+from .types import ChatResult, Delta, ImageSource, Timings, TokenCount, TokenLogprob, Usage
 
 __all__ = [
     "AsyncVisionChatClient",

@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
@@ -117,8 +116,15 @@ class AsyncVisionChatClient:
         """stream_chat collected into its final result."""
         return await _last(
             self.stream_chat(
-                prompt_or_messages, images, system=system, num_crops=num_crops, chunk_size=chunk_size,
-                timeout=timeout, request_id=request_id, metadata=metadata, **sampling,
+                prompt_or_messages,
+                images,
+                system=system,
+                num_crops=num_crops,
+                chunk_size=chunk_size,
+                timeout=timeout,
+                request_id=request_id,
+                metadata=metadata,
+                **sampling,
             )
         )
 
@@ -160,8 +166,14 @@ class AsyncVisionChatClient:
         """stream_generate collected into its final result."""
         return await _last(
             self.stream_generate(
-                prompt_or_messages, images, system=system, num_crops=num_crops, timeout=timeout,
-                request_id=request_id, metadata=metadata, **sampling,
+                prompt_or_messages,
+                images,
+                system=system,
+                num_crops=num_crops,
+                timeout=timeout,
+                request_id=request_id,
+                metadata=metadata,
+                **sampling,
             )
         )
 
@@ -176,9 +188,7 @@ class AsyncVisionChatClient:
         metadata: Metadata | None = None,
     ) -> TokenCount:
         prepared = await _prepare(prompt_or_messages, images, system=system, num_crops=num_crops)
-        response = await self.stub.CountTokens(
-            prepared.count_tokens_request(), timeout=timeout, metadata=metadata
-        )
+        response = await self.stub.CountTokens(prepared.count_tokens_request(), timeout=timeout, metadata=metadata)
         return token_count_from_proto(response)
 
     async def model_info(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> dict[str, Any]:
@@ -187,7 +197,9 @@ class AsyncVisionChatClient:
         return message_to_dict(response)
 
 
-async def _prepare(prompt_or_messages: PromptOrMessages, images: Sequence[ImageSource], **kwargs: Any) -> PreparedRequest:
+async def _prepare(
+    prompt_or_messages: PromptOrMessages, images: Sequence[ImageSource], **kwargs: Any
+) -> PreparedRequest:
     # Image files are read off the event loop so a slow disk does not stall other streams.
     return await asyncio.to_thread(prepare_request, prompt_or_messages, images, **kwargs)
 

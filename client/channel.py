@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 # Images travel inline in Generate and CountTokens requests, so the defaults (4 MiB) are too small.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -13,7 +13,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # (one per pod behind a headless service) instead of pinning the channel to the first one.
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
-ChannelOptions = Union[Mapping[str, Any], Iterable[tuple[str, Any]], None]
+ChannelOptions = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
 
 
 def channel_options(overrides: ChannelOptions = None) -> list[tuple[str, Any]]:

@@ -1,4 +1,4 @@
-"""Command line front end: `python -m client {chat,count-tokens,info} ...`.
+"""Command line front end: `visionchat {chat,count-tokens,info} ...` (also `python -m client ...`).
 
 Exit codes: 0 success, 1 server/transport error or a generation that finished with "error",
 2 invalid input (INVALID_ARGUMENT from the server, unreadable images, bad flags), 130 Ctrl-C.
@@ -62,7 +62,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--image", action="append", default=None, metavar="PATH",
+        "--image",
+        action="append",
+        default=None,
+        metavar="PATH",
         help="image file; repeat for several (attached to the prompt in order)",
     )
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
@@ -71,7 +74,7 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description="VisionChat command line client")
+    parser = argparse.ArgumentParser(prog="visionchat", description="VisionChat command line client")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = sub.add_parser("chat", help="generate a reply, streaming it as it is produced")
@@ -85,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=_non_negative_int, default=None, metavar="N")
     chat.add_argument("--stop", action="append", default=None, metavar="S", help="stop string; repeatable")
     chat.add_argument(
-        "--stop-token-id", action="append", type=_non_negative_int, default=None, metavar="ID",
+        "--stop-token-id",
+        action="append",
+        type=_non_negative_int,
+        default=None,
+        metavar="ID",
         help="stop token id; repeatable",
     )
     chat.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
@@ -93,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     chat.add_argument("--generate", action="store_true", help="use the Generate RPC (inline images) instead of Chat")
     chat.add_argument(
-        "--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
         help=f"image chunk size for the Chat RPC (default {DEFAULT_CHUNK_SIZE})",
     )
     chat.add_argument("--request-id", default=None, metavar="ID", help="id the server logs the request under")

@@ -30,7 +30,12 @@ class RpcErrorInfo:
 
     def lines(self) -> list[str]:
         out = [f"error: {self.code_name}: {self.details}"]
-        out += [f"  {v.field}: {v.description}" for v in self.field_violations]
+        # The server's message already says "field: description" for its one violation: not twice.
+        out += [
+            f"  {v.field}: {v.description}"
+            for v in self.field_violations
+            if f"{v.field}: {v.description}" != self.details
+        ]
         out += [f"  {d}" for d in self.other_details]
         return out
 
@@ -39,7 +44,7 @@ def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     # from_call works for sync errors and for grpc.aio.AioRpcError alike (both expose
     # code()/details()/trailing_metadata() synchronously once the call has failed).
     try:
-        return rpc_status.from_call(error)  # type: ignore[arg-type]
+        return rpc_status.from_call(error)
     except (ValueError, AttributeError, TypeError):
         # A status proto that contradicts the call's own status is still worth reading; the
         # header of the message comes from the call either way.

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from visionchat.v1 import visionchat_pb2 as pb
 
@@ -23,10 +23,10 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # One conversation turn as a caller writes it: {"role": "user", "text": "...", "images": [...]}.
 # "images" items are image sources (path/bytes), appended to the request's image list, or ints,
 # indices into it; "image_indices" is accepted for ints only, mirroring the proto field.
-MessageLike = Union[Mapping[str, Any], pb.Message]
-PromptOrMessages = Union[str, Sequence[MessageLike]]
+MessageLike = Mapping[str, Any] | pb.Message
+PromptOrMessages = str | Sequence[MessageLike]
 
-_ROLES: dict[str, int] = {
+_ROLES: dict[str, Any] = {  # visionchat.v1.Role values
     "system": pb.ROLE_SYSTEM,
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
@@ -36,17 +36,19 @@ _MESSAGE_KEYS = frozenset({"role", "text", "images", "image_indices"})
 _IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 
 
+def _checked(source: Any) -> ImageSource:
+    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
+        raise TypeError(f"image must be a path or bytes, not {source!r}")
+    return source if not isinstance(source, (bytearray, memoryview)) else bytes(source)
+
+
 def read_image(source: ImageSource) -> bytes:
     """Bytes are taken as an encoded image; anything else as a path to one."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
-    return Path(_check_source(source)).read_bytes()
-
-
-def _check_source(source: Any) -> ImageSource:
-    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
+    if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"image must be a path or bytes, not {source!r}")
-    return source
+    return Path(source).read_bytes()
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -56,7 +58,7 @@ def _as_list(images: Any) -> list[Any]:
     return list(images)
 
 
-def _role(value: Any) -> int:
+def _role(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return _ROLES[value.lower()]
@@ -90,15 +92,13 @@ def build_messages(
     pass through unchanged and unchecked, so tests can send what this helper would refuse.
     """
     images = _as_list(images)
-    all_images: list[ImageSource] = [_check_source(s) for s in images]
+    all_images: list[ImageSource] = [_checked(s) for s in images]
     messages: list[pb.Message] = []
     if system is not None:
         messages.append(pb.Message(role=pb.ROLE_SYSTEM, text=system))
 
     if isinstance(prompt_or_messages, str):
-        messages.append(
-            pb.Message(role=pb.ROLE_USER, text=prompt_or_messages, image_indices=range(len(images)))
-        )
+        messages.append(pb.Message(role=pb.ROLE_USER, text=prompt_or_messages, image_indices=range(len(images))))
         return messages, all_images
 
     if isinstance(prompt_or_messages, Mapping):
@@ -125,7 +125,7 @@ def build_messages(
                 ints.append(image)
             else:
                 ints.append(len(all_images))
-                all_images.append(_check_source(image))
+                all_images.append(_checked(image))
         pending_ints.append((msg, ints))
         messages.append(msg)
 
@@ -255,9 +255,7 @@ class PreparedRequest:
         )
 
     def count_tokens_request(self) -> pb.CountTokensRequest:
-        return pb.CountTokensRequest(
-            messages=self.messages, images=self.images, image_options=self.image_options
-        )
+        return pb.CountTokensRequest(messages=self.messages, images=self.images, image_options=self.image_options)
 
 
 def prepare_request(

@@ -12,7 +12,6 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
-
 from visionchat.v1 import visionchat_pb2 as pb
 
 from .types import (
@@ -131,6 +130,9 @@ def token_count_from_proto(resp: pb.CountTokensResponse) -> TokenCount:
                 height=i.height,
                 num_crops=i.num_crops,
                 tokens=i.tokens,
+                processed_width=i.processed_width,
+                processed_height=i.processed_height,
+                crops=i.crops,
             )
             for i in resp.images
         ],

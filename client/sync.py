@@ -6,7 +6,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
-
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
@@ -102,8 +101,15 @@ class VisionChatClient:
         """stream_chat collected into its final result."""
         return _last(
             self.stream_chat(
-                prompt_or_messages, images, system=system, num_crops=num_crops, chunk_size=chunk_size,
-                timeout=timeout, request_id=request_id, metadata=metadata, **sampling,
+                prompt_or_messages,
+                images,
+                system=system,
+                num_crops=num_crops,
+                chunk_size=chunk_size,
+                timeout=timeout,
+                request_id=request_id,
+                metadata=metadata,
+                **sampling,
             )
         )
 
@@ -141,8 +147,14 @@ class VisionChatClient:
         """stream_generate collected into its final result."""
         return _last(
             self.stream_generate(
-                prompt_or_messages, images, system=system, num_crops=num_crops, timeout=timeout,
-                request_id=request_id, metadata=metadata, **sampling,
+                prompt_or_messages,
+                images,
+                system=system,
+                num_crops=num_crops,
+                timeout=timeout,
+                request_id=request_id,
+                metadata=metadata,
+                **sampling,
             )
         )
 

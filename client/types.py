@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 # A path is read by the client; bytes are sent as they are (already-encoded JPEG/PNG/WebP...).
-ImageSource = Union[str, os.PathLike, bytes]
+ImageSource = str | os.PathLike | bytes
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -110,6 +110,9 @@ class ImageTokenCount:
     height: int
     num_crops: int
     tokens: int
+    processed_width: int = 0  # the padded HD image the model sees
+    processed_height: int = 0
+    crops: int = 0  # 336-px crops through the vision tower, the global view included
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""`python -m service`: run the VisionChat server."""
+"""`visionchat-server` / `python -m service`: run the VisionChat server.
+
+Flags are parsed and checked before anything heavy is imported, so `--help` and configuration
+errors answer at once; torch and transformers load only for a server that will start."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import sys
 
 from .config import config_table, parse_config
 from .logs import configure_logging
-from .model import CheckpointError, ModelConfigError
 
 
 def main() -> int:
@@ -19,8 +21,8 @@ def main() -> int:
 
     try:
         return main_async(config)
-    except (CheckpointError, ModelConfigError, ValueError) as exc:
-        print(f"visionchat: cannot start: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a bad model folder, device, dtype or address: one line, no traceback
+        print(f"visionchat-server: cannot start: {exc}", file=sys.stderr)
         return 2
 
 

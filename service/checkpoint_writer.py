@@ -238,13 +238,13 @@ def write_random_checkpoint(
 
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress) as bar:
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             _write_shard(out / name, shard, seed, dtype, pad_token_id, bar)
 
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": total},
-            "weight_map": {spec.name: name for name, shard in zip(names, shards) for spec in shard},
+            "weight_map": {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard},
         }
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out

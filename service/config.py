@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ENV_PREFIX = "VISIONCHAT_"
 
@@ -41,30 +43,113 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", str, "", "Model folder in the Hugging Face layout; empty = the embedded default model"),
-    Option("host", str, "127.0.0.1", "Address the gRPC server binds"),
+    Option(
+        "host",
+        str,
+        "127.0.0.1",
+        "Address the gRPC and metrics servers bind (IPv6 as :: or [::]; :: also accepts IPv4 where the host is "
+        "dual-stack)",
+    ),
     Option("port", int, 50051, "gRPC port (0 = pick a free one)"),
-    Option("metrics-port", int, 9090, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)"),
+    Option(
+        "metrics-port",
+        int,
+        9450,
+        "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off; 9090 is Prometheus' own)",
+    ),
     Option("devices", str, "auto", "auto | cpu | cpu,cpu | cuda:0,cuda:1 | npu:0,... : one worker process per entry"),
-    Option("cpu-threads", int, 0, "Torch threads per CPU worker; 0 = OMP_NUM_THREADS if set, else the usable CPUs (affinity and cgroup quota) split between CPU workers"),
-    Option("dtype", str, "auto", "Compute dtype: auto (CPU: bf16 where the CPU has AVX512-BF16 or AMX, else fp32; GPU: bf16 where native, else fp16), float32, bfloat16, float16"),
+    Option(
+        "cpu-threads",
+        int,
+        0,
+        "Torch threads per CPU worker; 0 = OMP_NUM_THREADS if set, else the usable CPUs (affinity and cgroup "
+        "quota) split between CPU workers",
+    ),
+    Option(
+        "dtype",
+        str,
+        "auto",
+        "Compute dtype: auto (CPU: bf16 where the CPU has AVX512-BF16 or AMX, else fp32; GPU: bf16 where "
+        "native, else fp16), float32, bfloat16, float16",
+    ),
     Option("attention-backend", str, "auto", "Attention kernel: auto or torch"),
-    Option("attention-workspace", parse_bytes, "256MiB", "Per worker: keys and values gathered at once by the portable attention path; longer contexts are attended in chunks"),
-    Option("cpu-gemm", str, "auto", "CPU matmul path of the model's Linears: auto (measured per weight shape at start-up), dense (torch/MKL) or onednn (prepacked weights)"),
+    Option(
+        "attention-workspace",
+        parse_bytes,
+        "256MiB",
+        "Per worker: keys and values gathered at once by the portable attention path; longer contexts are "
+        "attended in chunks",
+    ),
+    Option(
+        "cpu-gemm",
+        str,
+        "auto",
+        "CPU matmul path of the model's Linears: auto (measured per weight shape at start-up), dense "
+        "(torch/MKL) or onednn (prepacked weights)",
+    ),
     Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
-    Option("kv-cache-fraction", float, 0.0, "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV pool, measured by a profiling step); overrides --kv-cache-memory when > 0"),
+    Option(
+        "kv-cache-fraction",
+        float,
+        0.0,
+        "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV "
+        "pool, measured by a profiling step); overrides --kv-cache-memory when > 0",
+    ),
     Option("block-size", int, 16, "Tokens per KV-cache block"),
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
     Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
     Option("max-vision-crops", int, 16, "336-px crops per vision-tower forward (micro-batch)"),
-    Option("vision-tiles-per-step", int, 0, "336-px crops one engine step may encode; 0 = the platform's choice (CPU: as many as take ~0.25 s, measured at start-up)"),
-    Option("max-image-embed-tokens", int, 32768, "Encoder cache of a worker, in image embedding rows: images being prefilled, then recently used ones (least recently used out first)"),
-    Option("max-queued-requests", int, 256, "Requests accepted but without a first token yet (preprocessing, waiting for a worker, in prefill); past it new ones get RESOURCE_EXHAUSTED"),
+    Option(
+        "vision-tiles-per-step",
+        int,
+        0,
+        "336-px crops one engine step may encode; 0 = the platform's choice (CPU: as many as take ~0.25 s, "
+        "measured at start-up)",
+    ),
+    Option(
+        "max-image-embed-tokens",
+        int,
+        32768,
+        "Encoder cache of a worker, in image embedding rows: images being prefilled, then recently used ones "
+        "(least recently used out first)",
+    ),
+    Option(
+        "max-queued-requests",
+        int,
+        256,
+        "Requests accepted but without a first token yet (preprocessing, waiting for a worker, in prefill); "
+        "past it new ones get RESOURCE_EXHAUSTED",
+    ),
     Option("preprocess-workers", int, 0, "Processes decoding images and tokenizing long prompts; 0 = the usable CPUs"),
-    Option("max-preprocess-queue", int, 64, "Requests queued or running in the preprocessing pool; past it new ones get RESOURCE_EXHAUSTED"),
-    Option("max-pixel-memory", parse_bytes, "2GiB", "Preprocessed image crops held in shared memory for requests in flight; past it new image requests get RESOURCE_EXHAUSTED"),
-    Option("worker-stall-timeout", float, 120.0, "Seconds a worker with work may report no engine step before it is killed and restarted (its requests without tokens move to another worker); 0 = off"),
-    Option("upload-idle-timeout", float, 30.0, "Seconds a Chat upload may send nothing before it fails with DEADLINE_EXCEEDED"),
-    Option("max-concurrent-uploads", int, 64, "Chat uploads in progress at once; past it new ones get RESOURCE_EXHAUSTED"),
+    Option(
+        "max-preprocess-queue",
+        int,
+        64,
+        "Requests queued or running in the preprocessing pool; past it new ones get RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "max-pixel-memory",
+        parse_bytes,
+        "2GiB",
+        "Preprocessed image crops held in shared memory for requests in flight; past it new image requests get "
+        "RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "worker-stall-timeout",
+        float,
+        120.0,
+        "Seconds a worker with work may report no engine step before it is killed and restarted (its requests "
+        "without tokens move to another worker); 0 = off",
+    ),
+    Option(
+        "upload-idle-timeout",
+        float,
+        30.0,
+        "Seconds a Chat upload may send nothing before it fails with DEADLINE_EXCEEDED",
+    ),
+    Option(
+        "max-concurrent-uploads", int, 64, "Chat uploads in progress at once; past it new ones get RESOURCE_EXHAUSTED"
+    ),
     Option("max-images", int, 32, "Images per request"),
     Option("max-image-bytes", parse_bytes, "20MiB", "Encoded bytes per image"),
     Option("max-total-image-bytes", parse_bytes, "100MiB", "Encoded image bytes per request"),
@@ -73,8 +158,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-new-tokens", int, 4096, "Upper bound on max_new_tokens"),
     Option("default-max-new-tokens", int, 512, "max_new_tokens when the request leaves it unset"),
     Option("max-receive-message-bytes", parse_bytes, "64MiB", "Largest gRPC message the server accepts"),
-    Option("max-connection-age", float, 300.0, "Seconds before the server asks a client to reconnect (re-resolves DNS; 0 = never)"),
-    Option("max-connection-age-grace", float, 600.0, "Seconds a stream may keep running on a connection past its max age"),
+    Option(
+        "max-connection-age",
+        float,
+        300.0,
+        "Seconds before the server asks a client to reconnect (re-resolves DNS; 0 = never)",
+    ),
+    Option(
+        "max-connection-age-grace", float, 600.0, "Seconds a stream may keep running on a connection past its max age"
+    ),
     Option("drain-seconds", float, 25.0, "On SIGTERM: seconds running streams get to finish"),
     Option("log-format", str, "text", "text | json"),
     Option("log-level", str, "INFO", "Python logging level"),
@@ -129,12 +221,14 @@ assert [f.name for f in fields(ServerConfig)] == [o.dest for o in OPTIONS]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description="VisionChat gRPC server")
+    parser = argparse.ArgumentParser(prog="visionchat-server", description="VisionChat gRPC server")
     for opt in OPTIONS:
         env_value = os.environ.get(opt.env)
         default = opt.type(env_value) if env_value is not None else opt.default
         parser.add_argument(f"--{opt.name}", type=opt.type, default=default, help=f"{opt.help} [env {opt.env}]")
-    parser.add_argument("--print-config-table", action="store_true", help="Print the README configuration table and exit")
+    parser.add_argument(
+        "--print-config-table", action="store_true", help="Print the README configuration table and exit"
+    )
     return parser
 
 
@@ -171,8 +265,43 @@ def validate(config: ServerConfig) -> None:
         problems.append("--max-preprocess-queue, --max-concurrent-uploads and --max-queued-requests must be >= 1")
     if config.worker_stall_timeout < 0 or config.upload_idle_timeout <= 0:
         problems.append("--worker-stall-timeout must be >= 0 and --upload-idle-timeout > 0")
+    if config.dtype not in DTYPE_NAMES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if config.metrics_port < -1 or not 0 <= config.port <= 65535 or config.metrics_port > 65535:
+        problems.append("--port must be 0..65535 and --metrics-port -1..65535")
+    problems += device_syntax_problems(config.devices)
     if problems:
-        raise SystemExit("configuration error: " + "; ".join(problems))
+        print("configuration error: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(2)  # argparse's code for a usage error
+
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def device_syntax_problems(spec: str) -> list[str]:
+    """What is wrong with --devices as written (whether the devices exist is checked at start-up)."""
+    if spec.strip() == "auto":
+        return []
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        return ["--devices is empty"]
+    problems = []
+    for d in devices:
+        kind, _, index = d.partition(":")
+        if kind not in ("cpu", "cuda", "npu") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            problems.append(f"--devices: unknown device {d!r} (use cpu, cuda:N or npu:N)")
+    return problems
+
+
+def bare_host(host: str) -> str:
+    """The address without the brackets an IPv6 literal may come in ([::] -> ::)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC and people write it: IPv6 literals in brackets ([::1]:50051)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def config_table() -> str:

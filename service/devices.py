@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .config import device_syntax_problems
 from .platform.cpu_cores import usable_cpus
 
 
@@ -35,14 +36,13 @@ def resolve_devices(spec: str) -> list[str]:
         if n := _npu_count():
             return [f"npu:{i}" for i in range(n)]
         return ["cpu"]
+    problems = device_syntax_problems(spec)
+    if problems:
+        raise ValueError("; ".join(problems))
     devices = [d.strip() for d in spec.split(",") if d.strip()]
-    if not devices:
-        raise ValueError("--devices is empty")
     found: dict[str, int] = {}  # accelerator kind -> devices on this host, probed once
     for d in devices:
         kind, _, index = d.partition(":")
-        if kind not in ("cpu", "cuda", "npu") or (index and not index.isdigit()):
-            raise ValueError(f"--devices: unknown device {d!r} (use cpu, cuda:N or npu:N)")
         if kind == "cpu":
             continue
         if kind not in found:

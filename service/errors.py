@@ -11,7 +11,7 @@ class InvalidInput(ValueError):
         self.field = field
         self.message = message
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]  (raised in pool processes, pickled back)
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised in pool processes, pickled back
         return (type(self), (self.field, self.message))
 
 
@@ -22,5 +22,5 @@ class Overloaded(Exception):
         super().__init__(message)
         self.retry_after = retry_after
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type, tuple[str, float]]:
         return (type(self), (str(self), self.retry_after))

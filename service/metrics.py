@@ -17,9 +17,36 @@ from .engine import EngineStats
 from .worker.handle import WorkerHandle
 from .worker.protocol import StepReport, WorkerReady
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-# Whole requests can run for minutes (thousands of tokens, 20-frame prompts).
-REQUEST_BUCKETS = LATENCY_BUCKETS + (160.0, 320.0, 640.0, 1280.0)
+# Up to 43 minutes: a CPU worker can take minutes to a first token (many frames through a full-size
+# vision tower, a long queue), and a p99 stuck in the +Inf bucket says nothing.
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+    1280.0,
+    2560.0,
+)
+# Whole requests and streams: up to about two hours (vLLM's top bucket is 7680 s too).
+REQUEST_BUCKETS = LATENCY_BUCKETS + (5120.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -30,59 +57,214 @@ class Metrics:
         r = self.registry
         w = ["worker"]
         p = "visionchat_"
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to the first generated token", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive generated tokens of a request", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to the last token", w, buckets=REQUEST_BUCKETS, registry=r)
-        self.queue = Histogram(p + "request_queue_time_seconds", "Time from arrival until first scheduled on a worker", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill = Histogram(p + "request_prefill_time_seconds", "Time from first scheduled to the first token", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.decode = Histogram(p + "request_decode_time_seconds", "Time from the first token to the last", w, buckets=REQUEST_BUCKETS, registry=r)
-        self.vision = Histogram(p + "vision_encoder_time_per_image_seconds", "Vision tower time per image (step vision time / images in the step)", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens_hist = Histogram(p + "request_prompt_tokens", "Prompt tokens per request (image tokens included)", w, buckets=TOKEN_BUCKETS, registry=r)
-        self.image_tokens_hist = Histogram(p + "request_image_tokens", "Image tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
-        self.generation_tokens_hist = Histogram(p + "request_generation_tokens", "Generated tokens per request", w, buckets=TOKEN_BUCKETS, registry=r)
-        self.step_tokens = Histogram(p + "iteration_tokens", "Tokens per engine step (decode + prefill)", w, buckets=STEP_TOKEN_BUCKETS, registry=r)
-        self.step_seconds = Histogram(p + "engine_step_seconds", "Wall time of an engine step in the worker (scheduling, vision, forward, sampling, bookkeeping)", w, buckets=LATENCY_BUCKETS, registry=r)
-        self.forward_seconds = Histogram(p + "model_forward_seconds", "Wall time of an engine step's model forward and sampling (vision excluded)", w, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            w,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            p + "request_queue_time_seconds",
+            "Time from arrival until first scheduled on a worker",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            p + "request_prefill_time_seconds",
+            "Time from first scheduled to the first token",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            p + "request_decode_time_seconds",
+            "Time from the first token to the last",
+            w,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.vision = Histogram(
+            p + "vision_encoder_time_per_image_seconds",
+            "Vision tower time per image (step vision time / images in the step)",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens_hist = Histogram(
+            p + "request_prompt_tokens",
+            "Prompt tokens per request (image tokens included)",
+            w,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.image_tokens_hist = Histogram(
+            p + "request_image_tokens", "Image tokens per request", w, buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.generation_tokens_hist = Histogram(
+            p + "request_generation_tokens", "Generated tokens per request", w, buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.step_tokens = Histogram(
+            p + "iteration_tokens",
+            "Tokens per engine step (decode + prefill)",
+            w,
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            p + "engine_step_seconds",
+            "Wall time of an engine step in the worker (scheduling, vision, forward, sampling, bookkeeping)",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            p + "model_forward_seconds",
+            "Wall time of an engine step's model forward and sampling (vision excluded)",
+            w,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
         self.running = Gauge(p + "num_requests_running", "Requests in a worker's running batch", w, registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests queued in a worker, not yet running", w, registry=r)
-        self.frontend_waiting = Gauge(p + "num_requests_waiting_frontend", "Requests accepted by the frontend that have not produced a token yet", registry=r)
+        self.frontend_waiting = Gauge(
+            p + "num_requests_waiting_frontend",
+            "Requests accepted by the frontend that have not produced a token yet",
+            registry=r,
+        )
         self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", w, registry=r)
         self.kv_free = Gauge(p + "kv_cache_free_blocks", "Free KV-cache blocks", w, registry=r)
-        self.kv_cached = Gauge(p + "prefix_cache_blocks", "KV-cache blocks whose content is kept for prefix reuse (held or free)", w, registry=r)
+        self.kv_cached = Gauge(
+            p + "prefix_cache_blocks",
+            "KV-cache blocks whose content is kept for prefix reuse (held or free)",
+            w,
+            registry=r,
+        )
         self.kv_total = Gauge(p + "kv_cache_total_blocks", "KV-cache blocks in the pool", w, registry=r)
         self.workers_alive = Gauge(p + "workers_alive", "Worker processes that are up and ready", registry=r)
-        self.preprocess_pending = Gauge(p + "preprocess_queue_requests", "Requests queued or running in the preprocessing pool", registry=r)
-        self.pixel_memory = Gauge(p + "pixel_memory_bytes", "Preprocessed image crops held in shared memory for requests in flight", registry=r)
+        self.preprocess_pending = Gauge(
+            p + "preprocess_queue_requests", "Requests queued or running in the preprocessing pool", registry=r
+        )
+        self.pixel_memory = Gauge(
+            p + "pixel_memory_bytes",
+            "Preprocessed image crops held in shared memory for requests in flight",
+            registry=r,
+        )
         self.uploads = Gauge(p + "uploads_in_progress", "Chat uploads in progress", registry=r)
-        self.encoder_cache_rows = Gauge(p + "encoder_cache_rows", "Image embedding rows a worker's encoder cache holds (in use or kept for reuse)", w, registry=r)
+        self.encoder_cache_rows = Gauge(
+            p + "encoder_cache_rows",
+            "Image embedding rows a worker's encoder cache holds (in use or kept for reuse)",
+            w,
+            registry=r,
+        )
 
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", w, registry=r)
-        self.cached_tokens = Counter(p + "prefix_cache_hit_tokens", "Prompt tokens of finished requests whose KV came from the prefix cache", w, registry=r)
+        self.cached_tokens = Counter(
+            p + "prefix_cache_hit_tokens",
+            "Prompt tokens of finished requests whose KV came from the prefix cache",
+            w,
+            registry=r,
+        )
         self.image_tokens = Counter(p + "image_tokens", "Image tokens of finished requests", w, registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", w, registry=r)
-        self.finished = Counter(p + "request_success", "Requests finished, by finish reason", ["worker", "finished_reason"], registry=r)
-        self.failed = Counter(p + "request_failures", "Requests that ended with a gRPC error, by code", ["code"], registry=r)
-        self.preemptions = Counter(p + "num_preemptions", "Sequences preempted (KV freed, recomputed later)", w, registry=r)
+        self.finished = Counter(
+            p + "request_success", "Requests finished, by finish reason", ["worker", "finished_reason"], registry=r
+        )
+        self.failed = Counter(
+            p + "request_failures", "Requests that ended with a gRPC error, by code", ["code"], registry=r
+        )
+        self.preemptions = Counter(
+            p + "num_preemptions", "Sequences preempted (KV freed, recomputed later)", w, registry=r
+        )
         self.restarts = Counter(p + "worker_restarts", "Worker processes restarted after dying", w, registry=r)
-        self.stalls = Counter(p + "worker_stalls", "Workers killed by the watchdog for reporting no step within --worker-stall-timeout", w, registry=r)
-        self.preprocess_seconds = Histogram(p + "preprocess_seconds", "Time to decode, transform and tokenize one request in the preprocessing stage", buckets=LATENCY_BUCKETS, registry=r)
-        self.preprocess_images = Counter(p + "preprocess_images", "Images decoded and transformed by the preprocessing stage", registry=r)
-        self.worker_image_decodes = Counter(p + "worker_image_decodes", "Images decoded inside a worker process (always 0: preprocessing decodes)", w, registry=r)
+        self.stalls = Counter(
+            p + "worker_stalls",
+            "Workers killed by the watchdog for reporting no step within --worker-stall-timeout",
+            w,
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            p + "preprocess_seconds",
+            "Time to decode, transform and tokenize one request in the preprocessing stage",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_images = Counter(
+            p + "preprocess_images", "Images decoded and transformed by the preprocessing stage", registry=r
+        )
+        self.worker_image_decodes = Counter(
+            p + "worker_image_decodes",
+            "Images decoded inside a worker process (always 0: preprocessing decodes)",
+            w,
+            registry=r,
+        )
         self.vision_tiles = Counter(p + "vision_tiles", "336-px crops run through the vision tower", w, registry=r)
-        self.encoder_cache_hits = Counter(p + "encoder_cache_hits", "Images whose embedding came from the encoder cache (vision tower skipped)", w, registry=r)
-        self.encoder_cache_misses = Counter(p + "encoder_cache_misses", "Images the vision tower had to encode", w, registry=r)
+        self.encoder_cache_hits = Counter(
+            p + "encoder_cache_hits",
+            "Images whose embedding came from the encoder cache (vision tower skipped)",
+            w,
+            registry=r,
+        )
+        self.encoder_cache_misses = Counter(
+            p + "encoder_cache_misses", "Images the vision tower had to encode", w, registry=r
+        )
 
-        self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, by method and code", ["grpc_service", "grpc_method", "grpc_type", "grpc_code"], registry=r)
-        self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time on the server", ["grpc_service", "grpc_method", "grpc_type"], buckets=LATENCY_BUCKETS, registry=r)
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by method and code",
+            ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time on the server",
+            ["grpc_service", "grpc_method", "grpc_type"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self.info = Info(p + "build", "Model, version, devices and KV-cache geometry", registry=r)
         # Families labelled by worker only: their series are created at zero when the worker is first ready.
         self._per_worker = (
-            self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.vision,
-            self.prompt_tokens_hist, self.image_tokens_hist, self.generation_tokens_hist, self.step_tokens,
-            self.step_seconds, self.forward_seconds,
-            self.prompt_tokens, self.cached_tokens, self.image_tokens, self.generation_tokens, self.preemptions, self.restarts,
-            self.stalls, self.worker_image_decodes, self.vision_tiles, self.encoder_cache_hits, self.encoder_cache_misses,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue,
+            self.prefill,
+            self.decode,
+            self.vision,
+            self.prompt_tokens_hist,
+            self.image_tokens_hist,
+            self.generation_tokens_hist,
+            self.step_tokens,
+            self.step_seconds,
+            self.forward_seconds,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.image_tokens,
+            self.generation_tokens,
+            self.preemptions,
+            self.restarts,
+            self.stalls,
+            self.worker_image_decodes,
+            self.vision_tiles,
+            self.encoder_cache_hits,
+            self.encoder_cache_misses,
         )
         # Per worker, the last cumulative counts its engine reported (a restarted process starts at 0).
         self._seen: dict[str, dict[str, int]] = {}

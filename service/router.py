@@ -247,7 +247,9 @@ class Router:
             except (ConnectionError, OSError):
                 continue
         if self.streams.pop(stream.request_id, None) is stream:
-            stream.queue.put_nowait(WorkerLost("the worker serving this request died and no other worker is ready; retry"))
+            stream.queue.put_nowait(
+                WorkerLost("the worker serving this request died and no other worker is ready; retry")
+            )
 
     async def _watch(self) -> None:
         """Kill a worker that has work but has reported nothing for `stall_timeout` seconds."""
@@ -260,7 +262,12 @@ class Router:
                     continue
                 silent = now - worker.state.last_heard
                 if silent > self.stall_timeout:
-                    log.error("%s has reported no step for %.1fs (--worker-stall-timeout %.1fs): killing it", worker.name, silent, self.stall_timeout)
+                    log.error(
+                        "%s has reported no step for %.1fs (--worker-stall-timeout %.1fs): killing it",
+                        worker.name,
+                        silent,
+                        self.stall_timeout,
+                    )
                     worker.kill()
                     for observer in self.observers:
                         observer.worker_stalled(worker)

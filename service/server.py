@@ -7,17 +7,18 @@ import asyncio
 import logging
 import multiprocessing as mp
 import signal
+import socket
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from . import __version__
 from .api.handlers import SERVICE, service_handler
+from .api.reflection import enable_reflection
 from .api.servicer import ServingState, VisionChatServiceServicer
-from .config import ServerConfig
+from .config import ServerConfig, bare_host, host_port
 from .devices import cpu_threads_per_worker, resolve_devices
 from .engine import EngineConfig
 from .metrics import Metrics
@@ -52,6 +53,9 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # grpcio sets SO_REUSEPORT by default: a second server on the same port would then start and
+        # silently share the traffic. A taken port must be an error.
+        ("grpc.so_reuseport", 0),
     ]
     if config.max_connection_age > 0:
         # Long-lived clients reconnect now and then, re-resolve DNS and spread over new replicas.
@@ -62,7 +66,28 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def worker_settings(config: ServerConfig, model_dir: Path, devices: list[str], context_len: int) -> list[WorkerSettings]:
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (port 0 never is)."""
+    if port == 0:
+        return False
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            bare_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return False  # the bind itself will say what is wrong
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
+
+
+def worker_settings(
+    config: ServerConfig, model_dir: Path, devices: list[str], context_len: int
+) -> list[WorkerSettings]:
     threads = cpu_threads_per_worker(devices, config.cpu_threads)
     engine = EngineConfig(
         max_model_len=context_len,
@@ -159,15 +184,43 @@ class VisionChatServer:
         self.port = 0
         self.metrics_port = 0
 
+    def _listen(self) -> grpc.aio.Server:
+        """Bind the gRPC and metrics ports first: a port in use is one clear line, before anything starts."""
+        config = self.config
+        server = grpc.aio.server(options=grpc_options(config))
+        address = host_port(config.host, config.port)
+        in_use = ValueError(f"cannot listen on {address} (--host/--port): the address is in use or not available here")
+        if port_taken(config.host, config.port):
+            raise in_use  # found before grpc tries (and logs its own multi-line error)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
+            raise in_use from exc
+        if config.metrics_port >= 0:
+            try:
+                httpd, _thread = start_http_server(
+                    config.metrics_port, addr=bare_host(config.host), registry=self.metrics.registry
+                )
+            except OSError as exc:
+                where = host_port(config.host, config.metrics_port)
+                raise ValueError(f"cannot serve metrics on {where} (--metrics-port): {exc.strerror or exc}") from exc
+            self.metrics_port = httpd.server_port
+        return server
+
     async def run(self) -> int:
         config = self.config
+        server = self._listen()
         # One forkserver starts every child process: it imports the preprocessing code once, and
         # children fork from it in milliseconds instead of re-importing torch and transformers.
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(["service.preprocess.job"])
         store = PixelStore(config.max_pixel_memory)
-        pool = PreprocessPool(str(self.model_dir), config.preprocess_workers or usable_cpus(), config.max_preprocess_queue)
-        self.router = Router(self.settings, [self.metrics, self.health_tracker], mp.get_context("spawn"), config.worker_stall_timeout)
+        pool = PreprocessPool(
+            str(self.model_dir), config.preprocess_workers or usable_cpus(), config.max_preprocess_queue
+        )
+        self.router = Router(
+            self.settings, [self.metrics, self.health_tracker], mp.get_context("spawn"), config.worker_stall_timeout
+        )
         self.health_tracker.router = self.router
         preparer = Preparer(self.builder, pool, store, config.max_image_pixels, self.context_len)
         self.metrics.attach(self.router, self.state, pool, store)
@@ -182,19 +235,10 @@ class VisionChatServer:
             self.builder.eos_token_ids,
             self.builder.tokenizer,
         )
-        server = grpc.aio.server(options=grpc_options(config))
         server.add_generic_rpc_handlers((service_handler(servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-        )
+        enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         await self.health_tracker.set(False)
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise SystemExit(f"cannot bind {config.host}:{config.port}")
-        if config.metrics_port >= 0:
-            httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
-            self.metrics_port = httpd.server_port
         await server.start()
 
         stop = asyncio.Event()
@@ -203,7 +247,11 @@ class VisionChatServer:
             loop.add_signal_handler(sig, stop.set)
 
         # Tests and operators read this line to find ports chosen with 0.
-        print(f"VisionChat {__version__} listening on {config.host}:{self.port} metrics on {config.host}:{self.metrics_port}", flush=True)
+        metrics = host_port(config.host, self.metrics_port) if config.metrics_port >= 0 else "off"
+        print(
+            f"VisionChat {__version__} listening on {host_port(config.host, self.port)} metrics on {metrics}",
+            flush=True,
+        )
         if any(s.device == "cpu" for s in self.settings):
             set_openmp_environment()  # inherited by the worker processes about to start
         self.router.start()
@@ -240,7 +288,9 @@ class VisionChatServer:
         )
         self.health_tracker.started = True
         await self.health_tracker.set(True)
-        print(f"VisionChat ready: {len(self.router.workers)} worker(s) serving {self.model_config.model_id}", flush=True)
+        print(
+            f"VisionChat ready: {len(self.router.workers)} worker(s) serving {self.model_config.model_id}", flush=True
+        )
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         """SIGTERM: NOT_SERVING at once, refuse new calls, let running streams finish, exit."""

@@ -24,7 +24,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY_MODEL = FIXTURES / "tiny-phi35v"
 GOLDEN = FIXTURES / "golden"
 IMAGES = GOLDEN / "images"
-LISTEN = re.compile(r"listening on 127\.0\.0\.1:(\d+) metrics on 127\.0\.0\.1:(-?\d+)")
+LISTEN = re.compile(r"listening on \S+:(\d+) metrics on (?:\S+:(\d+)|off)")
 
 
 def image_bytes(name: str) -> bytes:
@@ -40,12 +40,19 @@ class ServerProcess:
     metrics_port: int = 0
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
 
+    host: str = "127.0.0.1"
+
+    @property
+    def connect_host(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind is reached on loopback)."""
+        return {"::": "[::1]", "[::]": "[::1]", "0.0.0.0": "127.0.0.1"}.get(self.host, self.host)
+
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.connect_host}:{self.port}"
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
+        cmd = [sys.executable, "-m", "service", "--host", self.host, "--port", "0", "--metrics-port", "0", *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -67,7 +74,7 @@ class ServerProcess:
             self.lines.append(line.rstrip("\n"))
             m = LISTEN.search(line)
             if m:
-                self.metrics_port = int(m.group(2))
+                self.metrics_port = int(m.group(2) or -1)
                 self.port = int(m.group(1))
 
     def health(self, service: str = "") -> int:
@@ -110,7 +117,7 @@ class ServerProcess:
         raise AssertionError(f"workers not idle after {timeout}s: {info.workers}")
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://{self.connect_host}:{self.metrics_port}/metrics", timeout=10) as resp:
             return resp.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:

@@ -328,7 +328,7 @@ def test_token_count_from_proto():
     )
     assert count.to_dict() == {
         "prompt_tokens": 800, "text_tokens": 43, "image_tokens": 757,
-        "images": [{"image_index": 0, "width": 640, "height": 480, "num_crops": 16, "tokens": 757}],
+        "images": [{"image_index": 0, "width": 640, "height": 480, "num_crops": 16, "tokens": 757, "processed_width": 0, "processed_height": 0, "crops": 0}],
     }
 
 

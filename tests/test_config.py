@@ -29,9 +29,11 @@ def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value
 
 
-def test_invalid_configuration_is_one_clear_error() -> None:
-    with pytest.raises(SystemExit, match="--block-size"):
+def test_invalid_configuration_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         parse_config(["--block-size", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["configuration error: --block-size must be >= 1"]
 
 
 @pytest.mark.parametrize("spec", ["tpu:0", "cuda:x", "cuda:0", "npu:3", ""])

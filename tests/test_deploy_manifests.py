@@ -335,7 +335,7 @@ def test_server_accepts_overlay_configuration(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_service_links_cannot_shadow_options(overlay: str) -> None:
-    # A Service named visionchat-metrics would inject VISIONCHAT_METRICS_PORT=tcp://<ip>:9090.
+    # A Service named visionchat-metrics would inject VISIONCHAT_METRICS_PORT=tcp://<ip>:9450.
     assert _pod_spec(overlay).get("enableServiceLinks") is False
 
 

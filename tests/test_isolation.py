@@ -68,8 +68,8 @@ def test_oversize_text_is_refused_from_its_byte_length_without_tokenizing(single
         ):
             code, details = code_and_details(call)
             assert code == grpc.StatusCode.INVALID_ARGUMENT
-            # "at least": the bound from the byte length; a tokenized prompt says "the prompt has N tokens".
-            assert details.startswith("messages: the prompt is at least") and "context limit of 8192" in details, details
+            # "at least": the bound from the byte length; a tokenized prompt says "the prompt is N tokens".
+            assert details.startswith("messages: the prompt is at least") and "context limit is 8192" in details, details
         assert single.metric("visionchat_preprocess_queue_requests") == 0
         # A prompt just under the bound is tokenized (in the pool: it is long) and gets the exact count.
         near = "word " * 2000

@@ -13,7 +13,8 @@ REQUEST = EngineRequest("r", (1, 2, 3), (), SamplingOptions(max_new_tokens=4), 0
 
 
 def _out(*ids: int, queue: float | None = None, finish: FinishReason | None = None) -> RequestOutput:
-    return RequestOutput("r", tokens=[TokenOutput(i) for i in ids], finish_reason=finish, queue_seconds=queue, num_cached_tokens=32 if queue is not None else 0)
+    # The engine reports the cached tokens so far (cumulative) on every output, the queue time on the first.
+    return RequestOutput("r", tokens=[TokenOutput(i) for i in ids], finish_reason=finish, queue_seconds=queue, num_cached_tokens=32)
 
 
 async def _drain(stream: RequestStream) -> list[RequestOutput]:

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # `make demo`: start the server on the embedded default model, stream one real request with an
-# image through the Python client, then stop the server (SIGTERM, graceful drain).
+# image through the command-line client, then stop the server (SIGTERM, graceful drain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+BIN=.venv/bin
 PORT=${PORT:-50051}
-METRICS_PORT=${METRICS_PORT:-9090}
+METRICS_PORT=${METRICS_PORT:-9450}
 IMAGE=${IMAGE:-tests/fixtures/golden/images/A_640x480.png}
+LOG=${LOG:-$(mktemp -t visionchat-demo.XXXXXX.log)}
 
-$PY -m service --port "$PORT" --metrics-port "$METRICS_PORT" "$@" &
+# The server's log goes to a file, so it never lands in the middle of the streamed text.
+$BIN/visionchat-server --port "$PORT" --metrics-port "$METRICS_PORT" "$@" >"$LOG" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 
-echo "waiting for the server on 127.0.0.1:$PORT to load its model..."
+echo "waiting for the server on 127.0.0.1:$PORT to load its model (log: $LOG)..."
 for _ in $(seq 1 600); do
-  if $PY -m client info --server "127.0.0.1:$PORT" 2>/dev/null | grep -q '"alive": true'; then break; fi
-  kill -0 $server 2>/dev/null || { echo "server exited" >&2; exit 1; }
+  if $BIN/visionchat info --server "127.0.0.1:$PORT" 2>/dev/null | grep -q '"alive": true'; then break; fi
+  kill -0 $server 2>/dev/null || { echo "server exited:" >&2; tail -20 "$LOG" >&2; exit 1; }
   sleep 0.5
 done
 
 echo
-echo "\$ python -m client chat --server 127.0.0.1:$PORT --image $IMAGE --max-new-tokens 32 \"Describe this image.\""
-$PY -m client chat --server "127.0.0.1:$PORT" --image "$IMAGE" --max-new-tokens 32 "Describe this image."
+echo "\$ visionchat chat --server 127.0.0.1:$PORT --image $IMAGE --max-new-tokens 32 \"Describe this image.\""
+$BIN/visionchat chat --server "127.0.0.1:$PORT" --image "$IMAGE" --max-new-tokens 32 "Describe this image."
 echo
 echo "(the embedded default model has random weights: the text is meaningless, the serving path is real)"
+echo "server log: $LOG"

@@ -8,7 +8,7 @@
 // nothing to generate. Images are streamed in chunks (start, image_chunk..., end_of_input); tokens
 // are printed as they arrive and a usage line goes to stderr. --json prints one JSON object instead
 // (the fields of the Python client's ChatResult: text, token_ids, finish_reason, usage, ...).
-// Exit codes match `python -m client`: 0 ok, 1 server/transport error or a generation that finished
+// Exit codes match the Python CLI's (`visionchat`): 0 ok, 1 server/transport error or a generation that finished
 // with "error", 2 invalid input (bad flags, unreadable image, INVALID_ARGUMENT), 130 interrupted.
 "use strict";
 

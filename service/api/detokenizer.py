@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+
 @dataclass
 class DetokenizeResult:
     text: str  # newly released text
@@ -33,7 +34,8 @@ class IncrementalDetokenizer:
         self.text = ""  # everything released so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # The Rust tokenizer itself: what transformers' decode calls, without its per-call Python work.
+        return str(self.tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=True))
 
     def add(self, token_ids: Sequence[int], final: bool = False) -> DetokenizeResult:
         self.ids.extend(token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -22,11 +23,11 @@ class ApiError(Exception):
         return self.status.code
 
 
-def _status(code: int, message: str, *details: object) -> grpc.Status:
+def _status(code: int, message: str, *details: Message) -> grpc.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
-        any_detail.Pack(detail)  # type: ignore[arg-type]
+        any_detail.Pack(detail)
         packed.append(any_detail)
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
 

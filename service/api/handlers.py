@@ -43,16 +43,24 @@ def service_handler(servicer: Any) -> grpc.GenericRpcHandler:
     """visionchat.v1.VisionChatService's handlers around `servicer`'s four methods."""
     handlers = {
         "Chat": grpc.stream_stream_rpc_method_handler(
-            servicer.Chat, request_deserializer=parser(pb.ChatRequest), response_serializer=pb.ChatResponse.SerializeToString
+            servicer.Chat,
+            request_deserializer=parser(pb.ChatRequest),
+            response_serializer=pb.ChatResponse.SerializeToString,
         ),
         "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=parser(pb.GenerateRequest), response_serializer=pb.GenerateResponse.SerializeToString
+            servicer.Generate,
+            request_deserializer=parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
         ),
         "CountTokens": grpc.unary_unary_rpc_method_handler(
-            servicer.CountTokens, request_deserializer=parser(pb.CountTokensRequest), response_serializer=pb.CountTokensResponse.SerializeToString
+            servicer.CountTokens,
+            request_deserializer=parser(pb.CountTokensRequest),
+            response_serializer=pb.CountTokensResponse.SerializeToString,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=parser(pb.GetModelInfoRequest), response_serializer=pb.GetModelInfoResponse.SerializeToString
+            servicer.GetModelInfo,
+            request_deserializer=parser(pb.GetModelInfoRequest),
+            response_serializer=pb.GetModelInfoResponse.SerializeToString,
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

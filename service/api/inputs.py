@@ -8,11 +8,13 @@ google.rpc.BadRequest details. All checks here are cheap; decoding and tokenizin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from visionchat.v1 import visionchat_pb2 as pb
 
 from ..config import ServerConfig
+from ..context_limit import context_problem
 from ..engine import SamplingOptions
 from ..processor.image import MAX_NUM_CROPS
 from ..processor.prompt import ChatMessage
@@ -41,7 +43,7 @@ class Call:
     request_id: str
 
 
-def convert_messages(messages: list[pb.Message] | tuple[pb.Message, ...]) -> tuple[ChatMessage, ...]:
+def convert_messages(messages: Iterable[pb.Message]) -> tuple[ChatMessage, ...]:
     out = []
     for i, m in enumerate(messages):
         if m.role not in ROLE_NAMES:
@@ -54,7 +56,9 @@ def convert_messages(messages: list[pb.Message] | tuple[pb.Message, ...]) -> tup
 
 def check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_LENGTH:
-        raise invalid_argument("request_id", f"{len(request_id)} characters exceed the limit of {MAX_REQUEST_ID_LENGTH}")
+        raise invalid_argument(
+            "request_id", f"{len(request_id)} characters exceed the limit of {MAX_REQUEST_ID_LENGTH}"
+        )
 
 
 def num_crops_for(call: Call) -> int:
@@ -75,16 +79,21 @@ def resolve_num_crops(options: pb.ImageOptions) -> int | None:
 
 def check_image_limits(config: ServerConfig, sizes: list[int], field: str = "images") -> None:
     if len(sizes) > config.max_images:
-        raise invalid_argument(field, f"{len(sizes)} images exceed the limit of {config.max_images} per request (--max-images)")
+        raise invalid_argument(
+            field, f"{len(sizes)} images exceed the limit of {config.max_images} per request (--max-images)"
+        )
     for k, size in enumerate(sizes):
         if size > config.max_image_bytes:
             raise invalid_argument(
-                f"{field}[{k}]", f"{size} bytes exceed the limit of {config.max_image_bytes} bytes per image (--max-image-bytes)"
+                f"{field}[{k}]",
+                f"{size} bytes exceed the limit of {config.max_image_bytes} bytes per image (--max-image-bytes)",
             )
     total = sum(sizes)
     if total > config.max_total_image_bytes:
         raise invalid_argument(
-            field, f"{total} image bytes exceed the limit of {config.max_total_image_bytes} per request (--max-total-image-bytes)"
+            field,
+            f"{total} image bytes exceed the limit of {config.max_total_image_bytes} per request "
+            f"(--max-total-image-bytes)",
         )
 
 
@@ -93,7 +102,9 @@ def validate_sampling(s: pb.SamplingParams, config: ServerConfig, vocab_size: in
         return invalid_argument(f"sampling.{name}", msg)
 
     if s.max_new_tokens > config.max_new_tokens:
-        raise bad("max_new_tokens", f"{s.max_new_tokens} exceeds the limit of {config.max_new_tokens} (--max-new-tokens)")
+        raise bad(
+            "max_new_tokens", f"{s.max_new_tokens} exceeds the limit of {config.max_new_tokens} (--max-new-tokens)"
+        )
     if not math.isfinite(s.temperature) or not 0 <= s.temperature <= MAX_TEMPERATURE:
         raise bad("temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {s.temperature}")
     if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
@@ -121,21 +132,10 @@ def validate_sampling(s: pb.SamplingParams, config: ServerConfig, vocab_size: in
 def sampling_options(
     s: pb.SamplingParams, prompt_len: int, config: ServerConfig, context_len: int, eos_token_ids: tuple[int, ...]
 ) -> SamplingOptions:
-    room = context_len - prompt_len
-    if room <= 0:
-        raise invalid_argument(
-            "messages", f"the prompt has {prompt_len} tokens; the context limit is {context_len} (--max-context-tokens)"
-        )
-    if s.max_new_tokens:
-        max_new = s.max_new_tokens
-        if max_new > room:
-            raise invalid_argument(
-                "sampling.max_new_tokens",
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) = {prompt_len + max_new} exceeds the "
-                f"context limit of {context_len} tokens",
-            )
-    else:
-        max_new = min(config.default_max_new_tokens, room)
+    problem = context_problem(prompt_len, s.max_new_tokens, context_len)
+    if problem:
+        raise invalid_argument(*problem)
+    max_new = s.max_new_tokens or min(config.default_max_new_tokens, context_len - prompt_len)
     return SamplingOptions(
         max_new_tokens=max_new,
         temperature=float(s.temperature),

@@ -12,10 +12,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from visionchat.v1 import visionchat_pb2 as pb
@@ -66,6 +66,7 @@ FINISH = {
 # Which request field a worker's refusal is about.
 REFUSAL_FIELD = {
     "max_context_tokens": "sampling.max_new_tokens",
+    "max_context_tokens_prompt": "messages",
     "kv_cache_memory": "sampling.max_new_tokens",
     "kv_cache_memory_prompt": "messages",
     "max_image_embed_tokens": "images",
@@ -80,7 +81,9 @@ class ServingState:
         self.in_flight = 0
         # Requests between their cheap checks and their first token (preprocessing, waiting for a
         # worker, prefill): what --max-queued-requests bounds.
-        self.queued = Slots(config.max_queued_requests, "requests are waiting for a first token", "--max-queued-requests")
+        self.queued = Slots(
+            config.max_queued_requests, "requests are waiting for a first token", "--max-queued-requests"
+        )
         self.uploads = Slots(config.max_concurrent_uploads, "Chat uploads are in progress", "--max-concurrent-uploads")
 
 
@@ -193,11 +196,13 @@ class VisionChatServiceServicer:
     # --- RPCs ------------------------------------------------------------------------------------
 
     # grpc.aio recognises streaming handlers by being async generator functions, hence the re-yield.
-    async def Chat(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+    async def Chat(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Response]:
         async for response in self._streaming("Chat", "bidi_stream", context, self._chat(request_iterator)):
             yield response
 
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
         async for response in self._streaming("Generate", "server_stream", context, self._generate_inline(request)):
             yield response
 
@@ -224,7 +229,7 @@ class VisionChatServiceServicer:
             async for item in self._run(call, pb.GenerateResponse, None):
                 yield item
 
-    async def _chat(self, requests: AsyncIterator[Any]) -> AsyncIterator[pb.ChatResponse]:
+    async def _chat(self, requests: AsyncIterator[Any]) -> AsyncIterator[Response]:
         with self._admitted():
             it = requests.__aiter__()
             with self.state.uploads.take():
@@ -254,7 +259,8 @@ class VisionChatServiceServicer:
                 idle = loop.time() - start
                 if idle > self.config.upload_idle_timeout:
                     raise deadline_exceeded(
-                        f"no upload message for {idle:.1f}s (--upload-idle-timeout {self.config.upload_idle_timeout:g}s)"
+                        f"no upload message for {idle:.1f}s (--upload-idle-timeout "
+                        f"{self.config.upload_idle_timeout:g}s)"
                     )
                 if self.state.draining and idle > DRAIN_UPLOAD_IDLE_SECONDS:
                     raise unavailable("the server is shutting down and this upload stalled; retry on another replica")
@@ -273,19 +279,24 @@ class VisionChatServiceServicer:
         count = start.image_count
         if count > self.config.max_images:
             raise invalid_argument(
-                "start.image_count", f"{count} images exceed the limit of {self.config.max_images} per request (--max-images)"
+                "start.image_count",
+                f"{count} images exceed the limit of {self.config.max_images} per request (--max-images)",
             )
         buffers = [bytearray() for _ in range(count)]
         while True:
             try:
                 msg = await self._next_message(it)
             except StopAsyncIteration:
-                raise invalid_argument("end_of_input", "the stream closed without end_of_input; the upload may be incomplete") from None
+                raise invalid_argument(
+                    "end_of_input", "the stream closed without end_of_input; the upload may be incomplete"
+                ) from None
             kind = msg.WhichOneof("kind")
             if kind == "image_chunk":
                 k = msg.image_chunk.image_index
                 if k >= count:
-                    raise invalid_argument("image_chunk.image_index", f"chunk for image {k}, but start.image_count is {count}")
+                    raise invalid_argument(
+                        "image_chunk.image_index", f"chunk for image {k}, but start.image_count is {count}"
+                    )
                 buffers[k] += msg.image_chunk.data
                 # Refuse as soon as a limit is passed rather than buffering an oversized upload to the end.
                 check_image_limits(self.config, [len(b) for b in buffers])
@@ -318,7 +329,9 @@ class VisionChatServiceServicer:
         check_request_id(call.request_id)
         return self.preparer.check(call.messages, call.images, num_crops_for(call), call.sampling.max_new_tokens)
 
-    async def _run(self, call: Call, response: type[Response], trailing: asyncio.Future[None] | None) -> AsyncIterator[Response]:
+    async def _run(
+        self, call: Call, response: type[Response], trailing: asyncio.Future[None] | None
+    ) -> AsyncIterator[Response]:
         arrival = time.time()
         checked = self._check(call)
         with self.state.queued.take() as queue_slot:
@@ -326,13 +339,21 @@ class VisionChatServiceServicer:
             try:
                 prompt = prepared.prompt
                 self.metrics.preprocessed(prompt.seconds, len(prompt.images))
-                options = sampling_options(call.sampling, prompt.num_prompt_tokens, self.config, self.context_len, self.eos_token_ids)
+                options = sampling_options(
+                    call.sampling, prompt.num_prompt_tokens, self.config, self.context_len, self.eos_token_ids
+                )
                 request_id = call.request_id or uuid.uuid4().hex
                 engine_id = f"{request_id}#{uuid.uuid4().hex[:8]}"  # unique even if a client reuses its id
                 request = EngineRequest(
-                    request_id=engine_id, prompt_ids=prompt.prompt_ids, images=prompt.images, sampling=options, arrival_time=arrival
+                    request_id=engine_id,
+                    prompt_ids=prompt.prompt_ids,
+                    images=prompt.images,
+                    sampling=options,
+                    arrival_time=arrival,
                 )
-                async for item in self._stream(request, request_id, call, checked, response, arrival, queue_slot, trailing):
+                async for item in self._stream(
+                    request, request_id, call, checked, response, arrival, queue_slot, trailing
+                ):
                     yield item
             finally:
                 self.preparer.release(prepared.reservation)
@@ -432,7 +453,9 @@ class VisionChatServiceServicer:
             )
         )
 
-    def _finish(self, request_id: str, outcome: _Outcome, prompt_tokens: int, image_tokens: int, arrival: float) -> None:
+    def _finish(
+        self, request_id: str, outcome: _Outcome, prompt_tokens: int, image_tokens: int, arrival: float
+    ) -> None:
         total = time.time() - arrival
         self.metrics.request_finished(
             outcome.worker,
@@ -484,6 +507,9 @@ class VisionChatServiceServicer:
                     height=p.header.height,
                     num_crops=p.num_crops,
                     tokens=p.tokens,
+                    processed_width=p.processed_size[1],
+                    processed_height=p.processed_size[0],
+                    crops=p.tiles,
                 )
                 for k, p in enumerate(checked.plans)
             ],

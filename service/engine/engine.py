@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..context_limit import context_problem
 from ..model import Phi3VForCausalLM
 from ..model.attention import AttentionBackend
 from .block_pool import BlockPool
@@ -48,13 +49,12 @@ def check_fits(
             f"an image of {largest_image_tokens} tokens exceeds the image-embedding budget of "
             f"{max_image_embed_tokens} tokens (--max-image-embed-tokens)",
         )
-    total = prompt_len + max_new_tokens
-    if total > max_model_len:
+    problem = context_problem(prompt_len, max_new_tokens, max_model_len)
+    if problem:
         raise RequestRefused(
-            "max_context_tokens",
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-            f"context limit of {max_model_len} tokens",
+            "max_context_tokens" if problem[0] != "messages" else "max_context_tokens_prompt", problem[1]
         )
+    total = prompt_len + max_new_tokens
     need = blocks_needed(total, block_size)
     if need > num_blocks:
         prompt_blocks = blocks_needed(prompt_len, block_size)
@@ -112,7 +112,12 @@ class Engine:
         self.scheduler = Scheduler(
             self.pool,
             self.encoder_cache,
-            SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.block_size, max(1, config.vision_tiles_per_step)),
+            SchedulerLimits(
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                config.block_size,
+                max(1, config.vision_tiles_per_step),
+            ),
         )
         self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops)
         self.sequences: dict[str, Sequence] = {}
@@ -156,13 +161,19 @@ class Engine:
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None) -> RequestOutput | None:
+    def abort(
+        self, request_id: str, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None
+    ) -> RequestOutput | None:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return None
         self.scheduler.remove(seq)
         return RequestOutput(
-            request_id, finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens
+            request_id,
+            finish_reason=reason,
+            error=error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -175,7 +186,9 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def _inputs_from_cache(self, plan: SchedulerOutput) -> tuple[dict[bytes, torch.Tensor], dict[bytes, list[torch.Tensor]]]:
+    def _inputs_from_cache(
+        self, plan: SchedulerOutput
+    ) -> tuple[dict[bytes, torch.Tensor], dict[bytes, list[torch.Tensor]]]:
         """The complete embeddings the step's chunks read and the partial tile features of the images
         its vision work completes."""
         embeds: dict[bytes, torch.Tensor] = {}
@@ -233,7 +246,12 @@ class Engine:
 
     def _record(self, seq: Sequence, token: TokenOutput) -> RequestOutput:
         seq.token_ids.append(token.token_id)
-        out = RequestOutput(seq.request_id, tokens=[token], num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+        out = RequestOutput(
+            seq.request_id,
+            tokens=[token],
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
         if not seq.queue_reported and seq.first_scheduled_time is not None:
             out.queue_seconds = max(0.0, seq.first_scheduled_time - seq.request.arrival_time)
             seq.queue_reported = True

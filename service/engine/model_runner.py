@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import AttentionMetadata, Phi3VForCausalLM, PrefillSpan, StepInputs
-from ..model.attention import DecodeGroup
-from ..model.attention import AttentionBackend
+from ..model.attention import AttentionBackend, DecodeGroup
 from .errors import RequestFailed
 from .kv_cache import KVCache
 from .pixels import PixelsGone
@@ -28,7 +27,9 @@ from .sequence import Sequence
 @dataclass
 class RunnerOutput:
     sampled: list[tuple[Sequence, TokenOutput]] = field(default_factory=list)
-    tile_features: list[tuple[bytes, int, torch.Tensor]] = field(default_factory=list)  # (image key, first tile, features)
+    tile_features: list[tuple[bytes, int, torch.Tensor]] = field(
+        default_factory=list
+    )  # (image key, first tile, features)
     completed_images: dict[bytes, torch.Tensor] = field(default_factory=dict)  # image key -> embedding rows
     num_tokens: int = 0
     num_decode_tokens: int = 0
@@ -39,7 +40,9 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3VForCausalLM, kv_cache: KVCache, backend: AttentionBackend, max_vision_crops: int) -> None:
+    def __init__(
+        self, model: Phi3VForCausalLM, kv_cache: KVCache, backend: AttentionBackend, max_vision_crops: int
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -68,7 +71,7 @@ class ModelRunner:
         tiles = torch.cat([self._read_tiles(w) for w in encodes]).to(self.device)
         features = self.model.vision.crop_features(tiles, self.max_vision_crops)
         done_here: dict[bytes, list[torch.Tensor]] = {}
-        for work, feats in zip(encodes, features.split([w.tile_hi - w.tile_lo for w in encodes])):
+        for work, feats in zip(encodes, features.split([w.tile_hi - w.tile_lo for w in encodes]), strict=True):
             key = work.image.key
             done_here.setdefault(key, []).append(feats)
             if work.completes_image:
@@ -97,7 +100,9 @@ class ModelRunner:
                 DecodeGroup(
                     start=start,
                     count=count,
-                    block_tables=torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.long, device=self.device),
+                    block_tables=torch.tensor(
+                        [t + [0] * (width - len(t)) for t in rows], dtype=torch.long, device=self.device
+                    ),
                     context_lens=torch.tensor(lens[start : start + count], dtype=torch.long, device=self.device),
                     max_len=lens[start],
                 )
@@ -105,7 +110,9 @@ class ModelRunner:
             start += count
         return groups
 
-    def build_step(self, chunks: list[ScheduledChunk], embeds: Mapping[bytes, torch.Tensor]) -> tuple[StepInputs, list[ScheduledChunk]]:
+    def build_step(
+        self, chunks: list[ScheduledChunk], embeds: Mapping[bytes, torch.Tensor]
+    ) -> tuple[StepInputs, list[ScheduledChunk]]:
         """One forward's inputs: decode tokens first, longest context first (the attention backend
         groups them by what its workspace holds), then the prefill chunks. Returns the chunks in that
         order. `embeds` has every image the chunks cover."""
@@ -156,7 +163,14 @@ class ModelRunner:
             slots.extend([table[p // bs] * bs + p % bs for p in range(lo, hi)])
             take_image_rows(seq, lo, hi, flat)
             used = table[: -(-hi // bs)]
-            spans.append(PrefillSpan(start=flat, num_tokens=n, context_len=hi, block_table=torch.tensor(used, dtype=torch.long, device=self.device)))
+            spans.append(
+                PrefillSpan(
+                    start=flat,
+                    num_tokens=n,
+                    context_len=hi,
+                    block_table=torch.tensor(used, dtype=torch.long, device=self.device),
+                )
+            )
             if chunk.completes_known_tokens:
                 logits_index.append(len(ids) - 1)
 
@@ -204,6 +218,6 @@ class ModelRunner:
         out.forward_seconds = time.perf_counter() - start
         start = time.perf_counter()
         rows = [SamplingRow(s.request.sampling, s.token_ids, s.generator) for s in sampling]
-        out.sampled = list(zip(sampling, sample(logits, rows)))
+        out.sampled = list(zip(sampling, sample(logits, rows), strict=True))
         out.sample_seconds = time.perf_counter() - start
         return out

@@ -53,7 +53,7 @@ class PixelFile:
         if not 0 <= lo < hi <= self.num_tiles:
             raise ValueError(f"tiles [{lo}, {hi}) outside 0..{self.num_tiles}")
         out = torch.empty((hi - lo, *TILE_SHAPE), dtype=torch.float32)
-        view = memoryview(out.numpy()).cast("B")
+        view = out.numpy().data.cast("B")
         try:
             with open(self.path, "rb", buffering=0) as f:
                 f.seek(lo * TILE_BYTES)
@@ -68,7 +68,7 @@ class PixelFile:
     def write(cls, path: str, tiles: torch.Tensor) -> PixelFile:
         data = tiles.to(torch.float32).contiguous()
         with open(path, "wb", buffering=0) as f:
-            f.write(memoryview(data.numpy()).cast("B"))
+            f.write(data.numpy().data.cast("B"))
         return cls(path, int(data.shape[0]))
 
     def delete(self) -> None:

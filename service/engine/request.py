@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from .pixels import PixelSource
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     EOS = "eos"
     LENGTH = "length"
     STOP_TOKEN = "stop_token"
@@ -85,13 +86,10 @@ class RequestOutput:
         return self.finish_reason is not None
 
     def merged_with(self, later: RequestOutput) -> RequestOutput:
-        """This output followed by a later one of the same request, as one output."""
-        return RequestOutput(
-            request_id=self.request_id,
+        """This output followed by a later one of the same request, as one output: the later one's
+        state (a field added later is carried too), both one's tokens, the first one's timing."""
+        return dataclasses.replace(
+            later,
             tokens=self.tokens + later.tokens,
-            finish_reason=later.finish_reason,
-            error=later.error,
-            num_prompt_tokens=self.num_prompt_tokens or later.num_prompt_tokens,
-            num_cached_tokens=max(self.num_cached_tokens, later.num_cached_tokens),
             queue_seconds=self.queue_seconds if self.queue_seconds is not None else later.queue_seconds,
         )

@@ -59,7 +59,9 @@ def argmax(logits: torch.Tensor) -> list[int]:
 
 
 def _greedy_only(rows: Seq[SamplingRow]) -> bool:
-    return all(r.options.greedy and r.options.logprobs == 0 and r.options.repetition_penalty in (0.0, 1.0) for r in rows)
+    return all(
+        r.options.greedy and r.options.logprobs == 0 and r.options.repetition_penalty in (0.0, 1.0) for r in rows
+    )
 
 
 def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
@@ -85,7 +87,7 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
             top_p = torch.tensor([sub_rows[j].options.top_p for j in filtered], dtype=work.dtype, device=work.device)
             sub[filtered] = _filter_top_k_top_p(sub[filtered], top_k, top_p)
         probs = sub.softmax(dim=-1)
-        for j, (i, row) in enumerate(zip(sampled_idx, sub_rows)):
+        for j, (i, row) in enumerate(zip(sampled_idx, sub_rows, strict=True)):
             p = probs[j]
             if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
                 continue  # degenerate distribution (overflow): keep the argmax rather than fail the batch
@@ -102,6 +104,6 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
             outputs[i] = TokenOutput(
                 token_ids[i],
                 logprob=float(logprobs[j, token_ids[i]]),
-                top_logprobs=tuple(zip(top.indices.tolist(), top.values.tolist())),
+                top_logprobs=tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
             )
     return outputs

@@ -144,4 +144,6 @@ class Sequence:
 
     def consumed_images(self) -> list[int]:
         """Pinned images whose every position is computed: their embeddings are no longer needed."""
-        return [s.index for s in self.image_spans if s.index in self.pinned_images and s.end <= self.num_computed_tokens]
+        return [
+            s.index for s in self.image_spans if s.index in self.pinned_images and s.end <= self.num_computed_tokens
+        ]

@@ -13,8 +13,9 @@ its hardware. A backend owns its KV layout (`kv_cache_shape`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,7 @@ class TorchPagedAttention:
             sl = slice(group.start, group.start + group.count)
             width = group.block_tables.shape[1] * kv_cache.shape[3]
             if group.count * width > group_tokens:  # one sequence longer than the workspace
-                for i, (table, length) in enumerate(zip(group.block_tables, group.context_lens.tolist())):
+                for i, (table, length) in enumerate(zip(group.block_tables, group.context_lens.tolist(), strict=True)):
                     row = group.start + i
                     out[row] = self._attend_in_chunks(q[row].unsqueeze(1), kv_cache, table, length, scale).squeeze(1)
                 continue
@@ -183,7 +184,9 @@ class TorchPagedAttention:
             keys = keys.view(kv_heads, group.count, width, head_dim).transpose(0, 1)
             values = values.view(kv_heads, group.count, width, head_dim).transpose(0, 1)
             mask = (torch.arange(width, device=q.device)[None, :] < group.context_lens[:, None])[:, None, None, :]
-            o = F.scaled_dot_product_attention(q[sl].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q[sl].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
             out[sl] = o.squeeze(2)
 
         for span in meta.prefills:
@@ -192,8 +195,12 @@ class TorchPagedAttention:
             if span.context_len == span.num_tokens:
                 # Whole sequence in this step: attend to the fresh keys, no cache gather.
                 o = F.scaled_dot_product_attention(
-                    qs.unsqueeze(0), k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0),
-                    is_causal=True, scale=scale, enable_gqa=gqa,
+                    qs.unsqueeze(0),
+                    k[sl].transpose(0, 1).unsqueeze(0),
+                    v[sl].transpose(0, 1).unsqueeze(0),
+                    is_causal=True,
+                    scale=scale,
+                    enable_gqa=gqa,
                 ).squeeze(0)
             elif span.context_len <= self._chunk_tokens(kv_cache, q.shape[1], span.num_tokens):
                 keys, values = self._gather(kv_cache, span.block_table)
@@ -224,7 +231,9 @@ BACKENDS: dict[str, tuple[Callable[[torch.device], bool], Callable[[int], Attent
 }
 
 
-def select_attention_backend(name: str, device: torch.device, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> AttentionBackend:
+def select_attention_backend(
+    name: str, device: torch.device, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+) -> AttentionBackend:
     if name == "auto":
         for available, factory in BACKENDS.values():
             if available(device):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class ModelConfigError(ValueError):
 class VisionConfig:
     clip: dict[str, Any]
     image_dim_out: int
-    num_img_tokens: int
 
     @property
     def num_layers(self) -> int:
@@ -63,13 +62,8 @@ class ModelConfig:
     rope_long_factor: tuple[float, ...]
     original_max_position_embeddings: int
     max_position_embeddings: int
-    bos_token_id: int
     eos_token_id: int
-    pad_token_id: int
-    tie_word_embeddings: bool
-    checkpoint_dtype: str
     vision: VisionConfig
-    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +98,7 @@ def parse_model_config(cfg: dict[str, Any], model_id: str = "") -> ModelConfig:
             "(microsoft/Phi-3.5-vision-instruct)"
         )
     _check_equal(cfg, "hidden_act", "silu")
+    _check_equal(cfg, "tie_word_embeddings", False)  # lm_head is its own tensor in every Phi-3.5-vision
 
     embd = cfg.get("embd_layer") or {}
     for key, expected in (
@@ -130,7 +125,8 @@ def parse_model_config(cfg: dict[str, Any], model_id: str = "") -> ModelConfig:
     for name, factors in (("short_factor", short), ("long_factor", long)):
         if len(factors) != head_dim // 2:
             raise ModelConfigError(
-                f"config.json: rope_scaling.{name} has {len(factors)} entries, head_dim {head_dim} needs {head_dim // 2}"
+                f"config.json: rope_scaling.{name} has {len(factors)} entries, head_dim {head_dim} needs "
+                f"{head_dim // 2}"
             )
 
     img = _require(cfg, "img_processor")
@@ -140,7 +136,8 @@ def parse_model_config(cfg: dict[str, Any], model_id: str = "") -> ModelConfig:
     image_dim_out = int(img.get("image_dim_out", clip["hidden_size"]))
     if image_dim_out != int(clip["hidden_size"]):
         raise ModelConfigError(
-            f"config.json: img_processor.image_dim_out {image_dim_out} != vision tower hidden_size {clip['hidden_size']}"
+            f"config.json: img_processor.image_dim_out {image_dim_out} != vision tower hidden_size "
+            f"{clip['hidden_size']}"
         )
     num_img_tokens = int(img.get("num_img_tokens", 144))
     if num_img_tokens != 144:
@@ -160,13 +157,8 @@ def parse_model_config(cfg: dict[str, Any], model_id: str = "") -> ModelConfig:
         rope_long_factor=long,
         original_max_position_embeddings=int(_require(cfg, "original_max_position_embeddings")),
         max_position_embeddings=int(_require(cfg, "max_position_embeddings")),
-        bos_token_id=int(cfg.get("bos_token_id", 1)),
         eos_token_id=int(cfg.get("eos_token_id", 2)),
-        pad_token_id=int(cfg.get("pad_token_id", 32000)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        checkpoint_dtype=str(cfg.get("torch_dtype", "bfloat16")),
-        vision=VisionConfig(clip=clip, image_dim_out=image_dim_out, num_img_tokens=num_img_tokens),
-        raw=cfg,
+        vision=VisionConfig(clip=clip, image_dim_out=image_dim_out),
     )
 
 

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -80,7 +81,7 @@ def checkpoint_weight_map(model_dir: Path) -> dict[str, Path]:
     raise CheckpointError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE} (weights missing)")
 
 
-def _open_shard(path: Path):  # type: ignore[no-untyped-def]
+def _open_shard(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -120,11 +121,15 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> CheckpointPlan:
             stored = set(f.keys())
             for name in (n for n in expected if weight_map[n] == shard):
                 if name not in stored:
-                    raise CheckpointError(f"{shard}: tensor {name!r} is listed in the index but not stored in this file")
+                    raise CheckpointError(
+                        f"{shard}: tensor {name!r} is listed in the index but not stored in this file"
+                    )
                 shape = tuple(f.get_slice(name).get_shape())
                 want = tuple(expected[name][1])
                 if shape != want:
-                    raise CheckpointError(f"{shard}: tensor {name!r} has shape {list(shape)}, the config needs {list(want)}")
+                    raise CheckpointError(
+                        f"{shard}: tensor {name!r} has shape {list(shape)}, the config needs {list(want)}"
+                    )
     return CheckpointPlan(config, weight_map, expected)
 
 

@@ -59,15 +59,13 @@ class Phi3VForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def hidden_states(
-        self, step: StepInputs, kv_caches: list[torch.Tensor], backend: AttentionBackend
-    ) -> torch.Tensor:
+    def hidden_states(self, step: StepInputs, kv_caches: list[torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
         """Final-norm hidden states of every token in the step, (T, hidden)."""
         x = self.model.embed_tokens(step.input_ids.clamp(0, self.config.vocab_size - 1))
         if step.image_embeds is not None and step.image_token_index.numel():
             x = x.index_copy(0, step.image_token_index, step.image_embeds.to(x.dtype))
         cos, sin = self.rope.cos_sin(step.positions, step.use_long_rope, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_caches):
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, cache, step.attention, backend)
         return self.model.norm(x)
 

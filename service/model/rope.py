@@ -23,14 +23,17 @@ class LongRoPE(nn.Module):
         dim = config.head_dim
         # Explicit CPU device: the model is built under torch.device("meta"), and these are not weights.
         exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
-        base = config.rope_theta ** exponent
+        base = config.rope_theta**exponent
         short = 1.0 / (torch.tensor(config.rope_short_factor, dtype=torch.float32, device="cpu") * base)
         long = 1.0 / (torch.tensor(config.rope_long_factor, dtype=torch.float32, device="cpu") * base)
         # Row 0 short, row 1 long: a per-token index selects the set without branching.
         self.register_buffer("inv_freq", torch.stack([short, long]), persistent=False)
+        self.inv_freq: torch.Tensor
         self.attention_factor = config.rope_attention_factor
 
-    def cos_sin(self, positions: torch.Tensor, use_long: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, use_long: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, head_dim) for token positions (T,) and long-factor flags (T,)."""
         inv_freq = self.inv_freq[use_long.long()]  # (T, dim/2)
         freqs = positions.float()[:, None] * inv_freq

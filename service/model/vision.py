@@ -99,4 +99,4 @@ class ImageEmbedder(nn.Module):
         """Embeddings for the images in order, concatenated: (sum of image tokens, hidden)."""
         counts = [p.shape[0] for p in pixel_values]
         feats = self.crop_features(torch.cat(list(pixel_values)), max_crops_per_batch)
-        return torch.cat([self.embed_tiles(f, size) for f, size in zip(feats.split(counts), image_sizes)])
+        return torch.cat([self.embed_tiles(f, size) for f, size in zip(feats.split(counts), image_sizes, strict=True)])

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .base import Platform
-from .cpu_gemm import GemmChoice, Threads, WideAbove, apply_gemm_paths
+from .cpu_gemm import Threads, WideAbove, apply_gemm_paths
 
 # One engine step's vision work: a CPU encodes a full-size CLIP tile in seconds, so a step holds as
 # many tiles as fit this time (at least one), and decoding streams step in between.
@@ -70,7 +71,7 @@ class CpuPlatform(Platform):
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16 if native_bf16(self.flags) else torch.float32
 
-    def prepare_model(self, model, rows: dict[str, int], policy: str) -> list[GemmChoice]:  # type: ignore[no-untyped-def]
+    def prepare_model(self, model: Any, rows: dict[str, int], policy: str) -> list[Any]:
         try:
             choices = apply_gemm_paths(model, linear_role, rows, self.threads, policy)
         except RuntimeError as exc:

@@ -64,9 +64,9 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | Non
         if not base.is_dir():
             continue
         for folder in _ancestors(base, v1 or "/"):
-            quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-            if quota and period and int(quota) > 0 and int(period) > 0:
-                limits.append(int(quota) / int(period))
+            cfs_quota, cfs_period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+            if cfs_quota and cfs_period and int(cfs_quota) > 0 and int(cfs_period) > 0:
+                limits.append(int(cfs_quota) / int(cfs_period))
         break
     return min(limits) if limits else None
 

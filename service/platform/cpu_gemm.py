@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ class WideAbove(nn.Module):
         self.min_rows = min_rows
         self.threads = threads
 
-    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
         with self.threads.widened(x.numel() // x.shape[-1] >= self.min_rows if x.dim() > 1 else True):
             return self.inner(*args, **kwargs)
@@ -82,7 +83,9 @@ class CpuLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.packed = packed
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint) if packed else linear.weight
+        self.weight = (
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint) if packed else linear.weight
+        )
         self.bias = linear.bias
         self.threads = threads
 
@@ -175,7 +178,14 @@ def apply_gemm_paths(
         if choice is None:
             if policy == "auto":
                 dense_s, onednn_s = measure_fn(linear, rows, threads)
-                choice = GemmChoice(role, shape, rows, decide(dense_s, onednn_s), dense_s * 1e3, None if onednn_s is None else onednn_s * 1e3)
+                choice = GemmChoice(
+                    role,
+                    shape,
+                    rows,
+                    decide(dense_s, onednn_s),
+                    dense_s * 1e3,
+                    None if onednn_s is None else onednn_s * 1e3,
+                )
             else:
                 choice = GemmChoice(role, shape, rows, policy, float("nan"), None)
             decided[(role, shape)] = choice

@@ -7,6 +7,7 @@ function of its inputs; the pool process keeps one PromptBuilder, loaded by `ini
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -49,9 +50,11 @@ def tokenize(job: PrepareJob, builder: PromptBuilder) -> tuple[int, ...]:
 def prepare(job: PrepareJob, builder: PromptBuilder) -> PreparedPrompt:
     start = time.perf_counter()
     ids = tokenize(job, builder)
+    if not job.pixel_paths:  # counting only: the images' token counts came from their headers
+        return PreparedPrompt(ids, (), time.perf_counter() - start)
     images: list[ImageInput] = []
     try:
-        for k, (data, path) in enumerate(zip(job.images, job.pixel_paths)):
+        for k, (data, path) in enumerate(zip(job.images, job.pixel_paths, strict=True)):
             try:
                 image = image_input(data, job.num_crops, job.max_pixels, path)
             except (ImageDecodeError, ValueError) as exc:
@@ -77,6 +80,7 @@ _builder: PromptBuilder | None = None
 
 def init_process(model_dir: str, nice: int) -> None:
     global _builder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend handles Ctrl-C and shuts the pool down
     if nice:
         os.nice(nice)  # below the event loop and the model workers: preprocessing yields the CPU to them
     _builder = PromptBuilder(model_dir)

@@ -64,7 +64,10 @@ class PixelStore:
             # A container's /dev/shm is often 64 MiB: writes past it fail, so the budget must fit it.
             log.warning(
                 "--max-pixel-memory %d exceeds 90%% of %s (%d bytes); using %d (mount a larger /dev/shm)",
-                budget_bytes, base, room, room,
+                budget_bytes,
+                base,
+                room,
+                room,
             )
             self.budget_bytes = room
 

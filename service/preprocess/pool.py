@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from ..errors import Overloaded
 from . import job as job_module
-from .job import PrepareJob, PreparedPrompt
+from .job import PreparedPrompt, PrepareJob
 
 log = logging.getLogger("visionchat.preprocess")
 NICE = 10
@@ -56,7 +56,10 @@ class PreprocessPool:
         """The prepared prompt; Overloaded when the pool's queue is full. If the caller goes away while
         the job runs, `on_abandon` is called once the job is over (its files may exist only then)."""
         if self.pending >= self.max_pending:
-            raise Overloaded(f"{self.pending} requests are being preprocessed (limit {self.max_pending}, --max-preprocess-queue); retry later")
+            raise Overloaded(
+                f"{self.pending} requests are being preprocessed (limit {self.max_pending}, "
+                f"--max-preprocess-queue); retry later"
+            )
         self.pending += 1
         future: Future[PreparedPrompt] = self._executor.submit(job_module.run_in_process, job)
         try:

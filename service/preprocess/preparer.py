@@ -11,10 +11,18 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from ..context_limit import context_problem
 from ..errors import InvalidInput
-from ..processor.image import ImageDecodeError, ImageHeader, num_image_tiles, num_image_tokens, probe_image
+from ..processor.image import (
+    ImageDecodeError,
+    ImageHeader,
+    hd_image_size,
+    num_image_tiles,
+    num_image_tokens,
+    probe_image,
+)
 from ..processor.prompt import ChatMessage, PromptBuilder
-from .job import PrepareJob, PreparedPrompt, prepare
+from .job import PreparedPrompt, PrepareJob, prepare
 from .limits import max_bytes_per_token, min_text_tokens
 from .pixel_store import PixelReservation, PixelStore
 from .pool import PreprocessPool
@@ -31,6 +39,7 @@ class ImagePlan:
     num_crops: int
     tokens: int
     tiles: int  # 336-px crops the vision tower will run
+    processed_size: tuple[int, int]  # (H, W) of the padded HD image
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,9 @@ class Prepared:
 
 
 class Preparer:
-    def __init__(self, builder: PromptBuilder, pool: PreprocessPool, store: PixelStore, max_pixels: int, context_len: int) -> None:
+    def __init__(
+        self, builder: PromptBuilder, pool: PreprocessPool, store: PixelStore, max_pixels: int, context_len: int
+    ) -> None:
         self.builder = builder
         self.pool = pool
         self.store = store
@@ -68,7 +79,9 @@ class Preparer:
         self.context_len = context_len
         self.bytes_per_token = max_bytes_per_token(builder.tokenizer)
 
-    def check(self, messages: tuple[ChatMessage, ...], images: tuple[bytes, ...], num_crops: int, max_new_tokens: int) -> Checked:
+    def check(
+        self, messages: tuple[ChatMessage, ...], images: tuple[bytes, ...], num_crops: int, max_new_tokens: int
+    ) -> Checked:
         """Refuse what can never run, from sizes alone (no decode, no tokenizing)."""
         plans = []
         for k, data in enumerate(images):
@@ -76,19 +89,16 @@ class Preparer:
                 header = probe_image(data, self.max_pixels)
                 tokens = num_image_tokens(header.width, header.height, num_crops)
                 tiles = num_image_tiles(header.width, header.height, num_crops)
+                size = hd_image_size(header.width, header.height, num_crops)
             except (ImageDecodeError, ValueError) as exc:
                 raise InvalidInput(f"images[{k}]", str(exc)) from exc
-            plans.append(ImagePlan(header, num_crops, tokens, tiles))
+            plans.append(ImagePlan(header, num_crops, tokens, tiles, size))
         checked = Checked(messages, images, tuple(plans), num_crops)
         floor = min_text_tokens((m.text for m in messages), self.bytes_per_token) + checked.image_tokens
-        what = f"the prompt is at least {floor} tokens ({checked.text_bytes} bytes of text, {checked.image_tokens} image tokens)"
-        if floor > self.context_len:
-            raise InvalidInput("messages", f"{what}, more than the context limit of {self.context_len} tokens")
-        if floor + max_new_tokens > self.context_len:
-            raise InvalidInput(
-                "sampling.max_new_tokens",
-                f"{what} + max_new_tokens ({max_new_tokens}) = {floor + max_new_tokens}, more than the context limit of {self.context_len} tokens",
-            )
+        detail = f"{checked.text_bytes} bytes of text, {checked.image_tokens} image tokens"
+        problem = context_problem(floor, max_new_tokens, self.context_len, at_least=True, detail=detail)
+        if problem:
+            raise InvalidInput(*problem)
         return checked
 
     def _job(self, checked: Checked, pixel_paths: tuple[str, ...]) -> PrepareJob:

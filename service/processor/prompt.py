@@ -71,7 +71,8 @@ def _check_structure(messages: Sequence[ChatMessage]) -> None:
             if msg.role != expected:
                 raise PromptError(
                     f"{field}.role",
-                    f"expected a {expected} message: after an optional system message, turns alternate"
+                    f"expected {'an' if expected == 'assistant' else 'a'} {expected} message: after an optional "
+                    f"system message, turns alternate"
                     " user/assistant starting with user",
                 )
     if messages[-1].role != "user":

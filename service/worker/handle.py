@@ -42,7 +42,7 @@ class WorkerHandle:
         settings: WorkerSettings,
         on_message: Callable[[WorkerHandle, Any], None],
         on_exit: Callable[[WorkerHandle], None],
-        context: mp.context.BaseContext,
+        context: Any,  # a multiprocessing context (spawn)
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -129,6 +129,7 @@ class WorkerHandle:
     def restart(self) -> None:
         """Start again after a back-off that grows while restarts keep failing (1 s, 2 s, ... 30 s)."""
         delay = 0.0 if self.state.failures_since_ready <= 1 else min(30.0, 2.0 ** (self.state.failures_since_ready - 1))
+        log.warning("restarting %s in %.0fs", self.name, delay)
         self.state.restarts += 1
         self._spawn(self._start_after(delay))
 

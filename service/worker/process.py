@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from multiprocessing.connection import Connection
 
 import torch
 from PIL import Image
 
-from ..engine import Engine, EngineConfig, EngineRequest, RequestRefused, SamplingOptions
+from ..engine import Engine, EngineRequest, RequestRefused, SamplingOptions
 from ..engine.kv_cache import KVCacheSpec, blocks_needed
 from ..engine.pixels import TensorPixels
 from ..engine.request import ImageInput
@@ -42,7 +43,9 @@ def _synthetic_image(side: int, num_crops: int) -> tuple[ImageInput, int]:
     processed = preprocess_image(image, num_crops)
     key = image_content_key(f"warmup-{side}-{num_crops}".encode(), num_crops)
     tiles = processed.pixel_values
-    return ImageInput(key, processed.num_tokens, int(tiles.shape[0]), processed.image_size, TensorPixels(tiles)), processed.num_tokens
+    return ImageInput(
+        key, processed.num_tokens, int(tiles.shape[0]), processed.image_size, TensorPixels(tiles)
+    ), processed.num_tokens
 
 
 def warmup_request(
@@ -160,11 +163,19 @@ def start_engine(settings: WorkerSettings) -> tuple[Engine, WorkerReady]:
 
 
 def worker_main(conn: Connection, settings: WorkerSettings) -> None:
+    # Ctrl-C reaches the whole process group; the frontend handles it and stops the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(settings.log_format, settings.log_level)
-    engine, ready = start_engine(settings)
-    conn.send(ready)
-    log.info("ready on %s (%s, %d KV blocks, %d vision tiles per step)", ready.device, ready.dtype, ready.stats.kv_blocks_total, ready.engine.vision_tiles_per_step)
     try:
+        engine, ready = start_engine(settings)
+        conn.send(ready)
+        log.info(
+            "ready on %s (%s, %d KV blocks, %d vision tiles per step)",
+            ready.device,
+            ready.dtype,
+            ready.stats.kv_blocks_total,
+            ready.engine.vision_tiles_per_step,
+        )
         serve(conn, engine)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log.info("the frontend went away; exiting")  # killed or crashed: nothing to report to
