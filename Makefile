@@ -9,7 +9,7 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak lint python-checks clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak device-check lint python-checks clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY_VERSION) -m venv $(VENV)
@@ -54,8 +54,8 @@ lint: setup
 
 # ruff (lint + format) and mypy on the server and the client: part of `make test`.
 python-checks: $(VENV)/.installed $(GEN)/python/.stamp
-	$(VENV)/bin/ruff check service client
-	$(VENV)/bin/ruff format --check service client
+	$(VENV)/bin/ruff check service client tools
+	$(VENV)/bin/ruff format --check service client tools
 	$(VENV)/bin/mypy
 
 serve: setup
@@ -77,6 +77,11 @@ bench-isolation: setup
 SOAK_MINUTES ?= 30
 soak: setup
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# Everything the first GPU/NPU run must show (parity, bf16, attention, memory, serving, workers), one report.
+# VISIONCHAT_TEST_DEVICE picks the device (default cuda:0); =cpu is the dry run. See deploy/README.md.
+device-check: setup
+	$(PY) tools/device_check.py $(ARGS)
 
 test: stubs python-checks
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -16,6 +16,11 @@ from typing import Any
 ENV_PREFIX = "VISIONCHAT_"
 
 
+def parse_memory(text: str) -> int:
+    """parse_bytes, or "auto" as 0 (the platform decides)."""
+    return 0 if text.strip().lower() == "auto" else parse_bytes(text)
+
+
 def parse_bytes(text: str) -> int:
     """'512MiB', '2GiB', '1.5G', '1000000' -> bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -87,14 +92,21 @@ OPTIONS: tuple[Option, ...] = (
         "CPU matmul path of the model's Linears: auto (measured per weight shape at start-up), dense "
         "(torch/MKL) or onednn (prepacked weights)",
     ),
-    Option("kv-cache-memory", parse_bytes, "256MiB", "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB)"),
+    Option(
+        "kv-cache-memory",
+        parse_memory,
+        "auto",
+        "KV-cache pool per worker in bytes (e.g. 512MiB, 20GiB); auto = 256MiB on CPU, and on accelerators what "
+        "--kv-cache-fraction of the device leaves after a profiling step",
+    ),
     Option(
         "kv-cache-fraction",
         float,
-        0.0,
-        "On accelerators: fraction of the device's memory a worker may use (weights, activations and the KV "
-        "pool, measured by a profiling step); overrides --kv-cache-memory when > 0",
+        0.9,
+        "On accelerators with --kv-cache-memory auto: fraction of each device's memory its workers may use in all "
+        "(weights, activations and KV pools, measured by a profiling step; split between a device's workers)",
     ),
+    Option("workers-per-device", int, 1, "Worker processes per device in --devices (they split its memory)"),
     Option("block-size", int, 16, "Tokens per KV-cache block"),
     Option("max-num-batched-tokens", int, 2048, "Token budget of one engine step (decode tokens + prefill chunks)"),
     Option("max-num-seqs", int, 64, "Sequences running at once per worker"),
@@ -186,8 +198,9 @@ class ServerConfig:
     attention_backend: str
     attention_workspace: int
     cpu_gemm: str
-    kv_cache_memory: int
+    kv_cache_memory: int  # 0 = auto
     kv_cache_fraction: float
+    workers_per_device: int
     block_size: int
     max_num_batched_tokens: int
     max_num_seqs: int
@@ -251,8 +264,10 @@ def validate(config: ServerConfig) -> None:
         problems.append("--max-image-embed-tokens must be >= 1")
     if config.log_format not in ("text", "json"):
         problems.append("--log-format must be text or json")
-    if not 0.0 <= config.kv_cache_fraction < 1.0:
-        problems.append("--kv-cache-fraction must be in [0, 1)")
+    if not 0.0 < config.kv_cache_fraction < 1.0:
+        problems.append("--kv-cache-fraction must be in (0, 1)")
+    if config.workers_per_device < 1:
+        problems.append("--workers-per-device must be >= 1")
     if config.default_max_new_tokens > config.max_new_tokens:
         problems.append("--default-max-new-tokens exceeds --max-new-tokens")
     if config.attention_workspace < 1 << 20:

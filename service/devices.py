@@ -27,29 +27,42 @@ def _npu_count() -> int:
     return torch.npu.device_count() if torch.npu.is_available() else 0  # type: ignore[attr-defined]
 
 
-def resolve_devices(spec: str) -> list[str]:
-    """'auto' -> all CUDA GPUs, else all NPUs, else one CPU; otherwise the comma-separated list."""
+def resolve_devices(spec: str, workers_per_device: int = 1) -> list[str]:
+    """One entry per worker: 'auto' -> all CUDA GPUs, else all NPUs, else one CPU; otherwise the
+    comma-separated list; each device repeated `workers_per_device` times."""
     spec = spec.strip()
     if spec == "auto":
         if n := _cuda_count():
-            return [f"cuda:{i}" for i in range(n)]
-        if n := _npu_count():
-            return [f"npu:{i}" for i in range(n)]
-        return ["cpu"]
+            devices = [f"cuda:{i}" for i in range(n)]
+        elif n := _npu_count():
+            devices = [f"npu:{i}" for i in range(n)]
+        else:
+            devices = ["cpu"]
+        return [d for d in devices for _ in range(workers_per_device)]
     problems = device_syntax_problems(spec)
     if problems:
         raise ValueError("; ".join(problems))
-    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    devices = [_canonical(d.strip()) for d in spec.split(",") if d.strip()]
     found: dict[str, int] = {}  # accelerator kind -> devices on this host, probed once
     for d in devices:
         kind, _, index = d.partition(":")
         if kind == "cpu":
             continue
+        if devices.count(d) > 1:
+            raise ValueError(
+                f"--devices lists {d} {devices.count(d)} times: each worker would size its KV pool as if the "
+                f"device were its own; use --workers-per-device {devices.count(d)} to share one device"
+            )
         if kind not in found:
             found[kind] = _cuda_count() if kind == "cuda" else _npu_count()
-        if int(index or 0) >= found[kind]:
+        if int(index) >= found[kind]:
             raise ValueError(f"--devices: {d} is not available on this host ({found[kind]} {kind} device(s) found)")
-    return devices
+    return [d for d in devices for _ in range(workers_per_device)]
+
+
+def _canonical(device: str) -> str:
+    """cuda -> cuda:0, npu -> npu:0 (so duplicates are found whichever way they are written)."""
+    return device if device == "cpu" or ":" in device else f"{device}:0"
 
 
 def cpu_threads_per_worker(devices: list[str], configured: int = 0, cpus: int | None = None) -> dict[int, int]:

@@ -192,6 +192,12 @@ class Metrics:
         self.preemptions = Counter(
             p + "num_preemptions", "Sequences preempted (KV freed, recomputed later)", w, registry=r
         )
+        self.oom_preemptions = Counter(
+            p + "num_oom_preemptions",
+            "Sequences preempted because a step ran out of device memory (also in num_preemptions)",
+            w,
+            registry=r,
+        )
         self.restarts = Counter(p + "worker_restarts", "Worker processes restarted after dying", w, registry=r)
         self.stalls = Counter(
             p + "worker_stalls",
@@ -259,6 +265,7 @@ class Metrics:
             self.image_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.oom_preemptions,
             self.restarts,
             self.stalls,
             self.worker_image_decodes,
@@ -328,6 +335,7 @@ class Metrics:
         cache = msg.stats.encoder_cache
         self._seen[worker.name] = {
             "preemptions": msg.stats.num_preemptions,
+            "oom_preemptions": msg.stats.num_oom_preemptions,
             "hits": cache.hits if cache else 0,
             "misses": cache.misses if cache else 0,
         }
@@ -362,6 +370,7 @@ class Metrics:
 
     def _worker_stats(self, name: str, stats: EngineStats) -> None:
         self._advance(name, self.preemptions, "preemptions", stats.num_preemptions)
+        self._advance(name, self.oom_preemptions, "oom_preemptions", stats.num_oom_preemptions)
         cache = stats.encoder_cache
         if cache is not None:
             self._advance(name, self.encoder_cache_hits, "hits", cache.hits)

@@ -110,7 +110,8 @@ def worker_settings(
             attention_workspace=config.attention_workspace,
             cpu_gemm=config.cpu_gemm,
             engine=engine,
-            kv_cache_fraction=config.kv_cache_fraction,
+            # Workers sharing a device split its fraction; each then sizes its pool from its own share.
+            kv_cache_fraction=config.kv_cache_fraction / devices.count(device),
             log_format=config.log_format,
             log_level=config.log_level,
         )
@@ -171,7 +172,7 @@ class VisionChatServer:
             config.max_context_tokens or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        devices = resolve_devices(config.devices)
+        devices = resolve_devices(config.devices, config.workers_per_device)
         from .platform import platform_for
 
         for device in devices:

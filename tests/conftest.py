@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from harness import TEST_DEVICE, TINY_MODEL, ServerProcess
 
-from harness import TINY_MODEL, ServerProcess
 from service.model import Phi3VForCausalLM, load_model, select_attention_backend
 from service.model.attention import AttentionBackend
+from service.platform import platform_for
 
 # Limits small enough that the bad-input tests can cross them cheaply.
 API_SERVER_ARGS = [
@@ -52,11 +53,15 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model() -> Phi3VForCausalLM:
-    """The fixture checkpoint in float32 on the CPU, for in-process model and engine tests."""
-    m, _ = load_model(TINY_MODEL, torch.float32, torch.device("cpu"), progress=False)
+    """The fixture checkpoint in float32 on the test device (VISIONCHAT_TEST_DEVICE, default the CPU),
+    for in-process model and engine tests. An accelerator gets its platform's set-up first (on CUDA:
+    TF32 off); the CPU keeps the test process's thread count, which the CPU platform would narrow to 1."""
+    if TEST_DEVICE != "cpu":
+        platform_for(TEST_DEVICE).configure_process(torch.get_num_threads())
+    m, _ = load_model(TINY_MODEL, torch.float32, torch.device(TEST_DEVICE), progress=False)
     return m
 
 
 @pytest.fixture(scope="module")
 def backend() -> AttentionBackend:
-    return select_attention_backend("auto", torch.device("cpu"))
+    return select_attention_backend("auto", torch.device(TEST_DEVICE))

@@ -21,8 +21,9 @@ def image(data: bytes, num_crops: int) -> ImageInput:
 @torch.inference_mode()
 def embeddings(engine: Engine, images: tuple[ImageInput, ...]) -> dict[bytes, torch.Tensor]:
     vision = engine.model.vision
+    device = engine.model.device
     return {
-        img.key: vision.embed_tiles(vision.crop_features(img.pixels.read(0, img.num_tiles), 16), img.image_size)
+        img.key: vision.embed_tiles(vision.crop_features(img.pixels.read(0, img.num_tiles).to(device), 16), img.image_size)
         for img in images
     }
 
@@ -43,4 +44,4 @@ def prompt_forward(engine: Engine, request: EngineRequest, force_short: bool = F
         logits = model.lm_head(hidden).float()
     finally:
         engine.pool.free(seq.block_ids)
-    return logits, hidden
+    return logits.cpu(), hidden.cpu()  # compared with golden values on the host

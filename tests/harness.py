@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY_MODEL = FIXTURES / "tiny-phi35v"
 GOLDEN = FIXTURES / "golden"
 IMAGES = GOLDEN / "images"
+# VISIONCHAT_TEST_DEVICE=cuda:0 (or npu:0) runs the model, engine and server tests on that device.
+TEST_DEVICE = os.environ.get("VISIONCHAT_TEST_DEVICE", "cpu")
 LISTEN = re.compile(r"listening on \S+:(\d+) metrics on (?:\S+:(\d+)|off)")
 
 
@@ -52,7 +55,8 @@ class ServerProcess:
         return f"{self.connect_host}:{self.port}"
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "service", "--host", self.host, "--port", "0", "--metrics-port", "0", *self.args]
+        devices = [] if "--devices" in self.args else ["--devices", TEST_DEVICE]
+        cmd = [sys.executable, "-m", "service", "--host", self.host, "--port", "0", "--metrics-port", "0", *devices, *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -180,7 +184,7 @@ def generate_request(
     )
 
 
-def collect(responses) -> tuple[list[int], str, pb.ChatFinished]:  # type: ignore[no-untyped-def]
+def collect(responses: Iterable[pb.GenerateResponse]) -> tuple[list[int], str, pb.ChatFinished]:
     ids: list[int] = []
     text = ""
     finished = None

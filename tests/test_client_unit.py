@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from visionchat.v1 import visionchat_pb2 as pb
 
 from client import ChatResult, Delta, ResultAccumulator, StreamProtocolError
@@ -24,7 +23,6 @@ from client.requests import (
     sampling_params,
 )
 from client.results import finish_reason_name, iter_results, token_count_from_proto
-
 
 # --- request building -------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import ROOT
+
 from service.config import OPTIONS, config_table, parse_bytes, parse_config
 
 

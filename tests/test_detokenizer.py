@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import TINY_MODEL
+
 from service.api.detokenizer import IncrementalDetokenizer
 from service.processor.prompt import PromptBuilder
 

@@ -13,10 +13,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
-
-from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
 
 IMAGES = ["A_640x480", "B_1024x300", "C_200x900"]
 WORDS = "the sea is calm tonight and the moon lies fair upon the straits on the french coast".split()
@@ -175,7 +174,9 @@ def test_only_worker_killed_service_goes_not_serving_until_it_is_back() -> None:
 
 
 def test_killed_worker_fails_only_its_requests_and_comes_back() -> None:
-    proc = ServerProcess(["--model", str(TINY_MODEL), "--devices", "cpu,cpu", "--kv-cache-memory", "32MiB"]).start()
+    # Two workers on one device, the way a GPU or NPU is shared (--workers-per-device).
+    args = ["--model", str(TINY_MODEL), "--devices", "cpu", "--workers-per-device", "2", "--kv-cache-memory", "32MiB"]
+    proc = ServerProcess(args).start()
     try:
         results: dict[int, object] = {}
 

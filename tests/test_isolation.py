@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes, user
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
-
-from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes, user
 
 SINGLE_ARGS = [
     "--model", str(TINY_MODEL), "--dtype", "float32", "--kv-cache-memory", "48MiB",

@@ -10,11 +10,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from visionchat.v1 import visionchat_pb2 as pb
-from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
-
 from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
 from test_deploy_manifests import _container, server_env
+from visionchat.v1 import visionchat_pb2 as pb
+from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
 
 def test_sigterm_drains_running_streams_refuses_new_ones_and_exits_zero() -> None:

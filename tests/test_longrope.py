@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_helpers import prompt_forward
+
 from service.engine import Engine, EngineConfig, EngineRequest, SamplingOptions
 from service.engine.scheduler import Scheduler
 from service.model import load_model_config
@@ -147,7 +147,7 @@ def _run_capturing(
         # One request: the step's only logits row, if any, is its next-token distribution.
         logits = type(model).forward(model, *args, **kwargs)
         if logits.shape[0]:
-            captured[seq.num_tokens] = logits[0].clone()
+            captured[seq.num_tokens] = logits[0].cpu().clone()
         return logits
 
     model.forward = forward  # type: ignore[method-assign]

@@ -29,9 +29,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from visionchat.v1 import visionchat_pb2 as pb
-
 from harness import ROOT, TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
+from visionchat.v1 import visionchat_pb2 as pb
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROM_DIR / "rules.yml"

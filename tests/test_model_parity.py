@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from engine_helpers import image, prompt_forward
+
 from service.engine import Engine, EngineConfig, EngineRequest, ImageInput, SamplingOptions
 from service.engine.kv_cache import blocks_needed
 from service.engine.scheduler import Scheduler
@@ -168,9 +168,9 @@ def test_vision_features_match_golden(model, observed) -> None:
         image_size = tuple(int(x) for x in z["A_640x480.image_sizes"][0])
 
     # Micro-batches of 2 crops: the split must not change the features.
-    clip = model.vision.crop_features(pixel_values, 2)
+    clip = model.vision.crop_features(pixel_values.to(model.device), 2).cpu()
     d_clip = (clip - torch.from_numpy(clip_golden)).abs().max().item()
-    proj = model.vision([pixel_values], [image_size], 16)
+    proj = model.vision([pixel_values.to(model.device)], [image_size], 16).cpu()
     d_proj = (proj - torch.from_numpy(proj_golden)).abs().max().item()
     observed[f"{name}.clip_features"] = d_clip
     observed[f"{name}.image_features_proj"] = d_proj

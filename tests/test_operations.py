@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_messages
+from harness import ROOT, TINY_MODEL, ServerProcess, collect, generate_request, user
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
-from client.errors import RpcErrorInfo, FieldViolation
-from harness import ROOT, TINY_MODEL, ServerProcess, collect, generate_request, user
+from client.errors import FieldViolation, RpcErrorInfo
 
 VENV_BIN = Path(sys.executable).parent
 TINY = ["--model", str(TINY_MODEL), "--dtype", "float32", "--kv-cache-memory", "16MiB"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from engine_helpers import image
 from harness import GOLDEN, TINY_MODEL
+
 from service.devices import cpu_threads_per_worker
 from service.engine import Engine, EngineConfig, EngineRequest, SamplingOptions
 from service.model import load_model, select_attention_backend

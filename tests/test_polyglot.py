@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import IMAGES, ROOT, ServerProcess
 
 from client import VisionChatClient
 from client.types import ChatResult
-from harness import IMAGES, ROOT, ServerProcess
 
 NODE_DIR = ROOT / "client" / "node"
 NODE_BIN = NODE_DIR / "node_modules" / ".bin"

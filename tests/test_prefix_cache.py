@@ -6,14 +6,13 @@ import time
 
 import pytest
 import torch
-
 from engine_helpers import image
 from harness import TINY_MODEL, image_bytes
+
 from service.engine import Engine, EngineConfig, EngineRequest, SamplingOptions
 from service.engine.block_pool import BlockPool
 from service.model import select_attention_backend
 from service.processor.prompt import ChatMessage, PromptBuilder
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

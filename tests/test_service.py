@@ -15,12 +15,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from harness import GOLDEN, ROOT, ServerProcess, collect, generate_request, image_bytes, user
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
 from client import AsyncVisionChatClient, VisionChatClient
-from harness import GOLDEN, ROOT, ServerProcess, collect, generate_request, image_bytes, user
 
 PROMPT_ONE = "<|image_1|>\nDescribe this image in detail."
 GOLDEN_A = np.load(GOLDEN / "model_nc4_one_A_640x480.npz")["gen_tokens"].tolist()

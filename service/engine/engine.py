@@ -11,6 +11,7 @@ import torch
 from ..context_limit import context_problem
 from ..model import Phi3VForCausalLM
 from ..model.attention import AttentionBackend
+from ..platform.base import Platform
 from .block_pool import BlockPool
 from .encoder_cache import EncoderCache, EncoderCacheStats
 from .errors import RequestFailed, RequestRefused
@@ -76,6 +77,7 @@ class EngineStats:
     num_preemptions: int
     num_cached_blocks: int = 0
     encoder_cache: EncoderCacheStats | None = None
+    num_oom_preemptions: int = 0  # also counted in num_preemptions
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,14 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, model: Phi3VForCausalLM, config: EngineConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, model: Phi3VForCausalLM, config: EngineConfig, backend: AttentionBackend, platform: Platform | None = None
+    ) -> None:
         self.model = model
         self.config = config
+        # What differs per device kind: how step inputs reach the device, what an out-of-memory error is.
+        self.platform = platform or Platform(model.device)
+        self.num_oom_preemptions = 0
         spec = KVCacheSpec.for_model(model.config, config.block_size, model.dtype)
         num_blocks = spec.num_blocks_for(config.kv_cache_memory_bytes)
         if num_blocks < 1:
@@ -119,7 +126,7 @@ class Engine:
                 max(1, config.vision_tiles_per_step),
             ),
         )
-        self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops)
+        self.runner = ModelRunner(model, self.kv_cache, backend, config.max_vision_crops, self.platform.upload)
         self.sequences: dict[str, Sequence] = {}
 
     def set_vision_tiles_per_step(self, tiles: int) -> None:
@@ -137,6 +144,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_cached_blocks=self.pool.num_cached,
             encoder_cache=self.encoder_cache.stats(),
+            num_oom_preemptions=self.num_oom_preemptions,
         )
 
     def has_work(self) -> bool:
@@ -205,16 +213,40 @@ class Engine:
         return embeds, partial
 
     def step(self) -> StepResult:
-        plan = self.scheduler.schedule()
-        if not plan:
-            return StepResult()
-        embeds, partial = self._inputs_from_cache(plan)
-        try:
-            ran = self.runner.execute(plan, embeds, partial)
-        except RequestFailed as exc:
-            failed = self.abort(exc.request_id, FinishReason.ERROR, str(exc))
-            return StepResult([failed] if failed else [])
-        return StepResult(self._apply(plan, ran), self._timings(ran))
+        while True:
+            plan = self.scheduler.schedule()
+            if not plan:
+                return StepResult()
+            embeds, partial = self._inputs_from_cache(plan)
+            try:
+                ran = self.runner.execute(plan, embeds, partial)
+            except RequestFailed as exc:
+                failed = self.abort(exc.request_id, FinishReason.ERROR, str(exc))
+                return StepResult([failed] if failed else [])
+            except Exception as exc:
+                if not self.platform.is_out_of_memory(exc):
+                    raise
+                # The runner changed no sequence: give the step less to do and run it again, as a
+                # preemption would (the newest sequence is recomputed later), instead of dying.
+                self.platform.empty_cache()
+                outputs = self._shed_for_memory(exc)
+                if outputs:
+                    return StepResult(outputs)
+                continue
+            self.scheduler.step_ran()
+            return StepResult(self._apply(plan, ran), self._timings(ran))
+
+    def _shed_for_memory(self, exc: BaseException) -> list[RequestOutput]:
+        """Preempt the newest running sequence; with one left, fail it (it alone does not fit)."""
+        running = self.scheduler.running
+        if len(running) > 1:
+            self.scheduler.shrink_for_memory()
+            self.num_oom_preemptions += 1
+            return []
+        if not running:
+            raise exc
+        failed = self.abort(running[0].request_id, FinishReason.ERROR, f"out of device memory even alone: {exc}")
+        return [failed] if failed else []
 
     def _timings(self, ran: RunnerOutput) -> StepTimings:
         return StepTimings(

@@ -8,13 +8,13 @@ cost of a step does not grow with per-sequence tensor allocations.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ..model import AttentionMetadata, Phi3VForCausalLM, PrefillSpan, StepInputs
-from ..model.attention import AttentionBackend, DecodeGroup
+from ..model.attention import AttentionBackend, DecodeGroup, decode_groups
 from .errors import RequestFailed
 from .kv_cache import KVCache
 from .pixels import PixelsGone
@@ -41,9 +41,16 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: Phi3VForCausalLM, kv_cache: KVCache, backend: AttentionBackend, max_vision_crops: int
+        self,
+        model: Phi3VForCausalLM,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+        max_vision_crops: int,
+        upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        # Host tensors of step inputs -> the device (the platform's way: pinned and asynchronous on accelerators).
+        self.upload = upload or (lambda t: t.to(model.device))
         self.kv_cache = kv_cache
         self.backend = backend
         self.max_vision_crops = max_vision_crops
@@ -89,25 +96,20 @@ class ModelRunner:
         backend's workspace; a sequence that alone exceeds it is a group of its own."""
         spec = self.kv_cache.spec
         room = self.backend.decode_group_tokens(spec.num_kv_heads, spec.head_dim, spec.dtype)
-        bs = self.block_size
-        groups: list[DecodeGroup] = []
-        start = 0
-        while start < len(tables):
-            width = len(tables[start])  # blocks of the group's longest sequence
-            count = max(1, min(len(tables) - start, room // (width * bs)))
-            rows = tables[start : start + count]
+        groups = []
+        for start, count in decode_groups([len(t) * self.block_size for t in tables], room):
+            rows, width = tables[start : start + count], len(tables[start])
             groups.append(
                 DecodeGroup(
                     start=start,
                     count=count,
-                    block_tables=torch.tensor(
-                        [t + [0] * (width - len(t)) for t in rows], dtype=torch.long, device=self.device
+                    block_tables=self.upload(
+                        torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.long)
                     ),
-                    context_lens=torch.tensor(lens[start : start + count], dtype=torch.long, device=self.device),
+                    context_lens=self.upload(torch.tensor(lens[start : start + count], dtype=torch.long)),
                     max_len=lens[start],
                 )
             )
-            start += count
         return groups
 
     def build_step(
@@ -168,27 +170,26 @@ class ModelRunner:
                     start=flat,
                     num_tokens=n,
                     context_len=hi,
-                    block_table=torch.tensor(used, dtype=torch.long, device=self.device),
+                    block_table=self.upload(torch.tensor(used, dtype=torch.long)),
                 )
             )
             if chunk.completes_known_tokens:
                 logits_index.append(len(ids) - 1)
 
-        dev = self.device
         attention = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=self.upload(torch.tensor(slots, dtype=torch.long)),
             num_decode_tokens=len(decodes),
             decode_groups=self._decode_groups(decode_tables, decode_lens),
             prefills=spans,
         )
         step = StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            use_long_rope=torch.tensor(long_flags, dtype=torch.bool, device=dev),
-            image_token_index=torch.tensor(image_index, dtype=torch.long, device=dev),
+            input_ids=self.upload(torch.tensor(ids, dtype=torch.long)),
+            positions=self.upload(torch.tensor(positions, dtype=torch.long)),
+            use_long_rope=self.upload(torch.tensor(long_flags, dtype=torch.bool)),
+            image_token_index=self.upload(torch.tensor(image_index, dtype=torch.long)),
             image_embeds=torch.cat(image_rows) if image_rows else None,
             attention=attention,
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
+            logits_index=self.upload(torch.tensor(logits_index, dtype=torch.long)),
         )
         return step, decodes + prefills
 

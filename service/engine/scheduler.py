@@ -25,6 +25,8 @@ from .kv_cache import blocks_needed
 from .request import ImageInput
 from .sequence import Sequence, SequenceStatus
 
+RUNNING_CAP_RELAX_STEPS = 64
+
 
 @dataclass
 class ScheduledChunk:
@@ -81,6 +83,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.watermark_blocks = max(1, pool.num_blocks // 100)
+        # Set after the device ran out of memory mid-step: no more running sequences than then, lifted
+        # by one every RUNNING_CAP_RELAX_STEPS steps that run, so the batch probes its way back up.
+        self.running_cap: int | None = None
+        self._steps_under_cap = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -109,6 +115,22 @@ class Scheduler:
         seq.block_ids = []
         seq.reset_computation()
         self._unpin(seq, seq.pinned_images)
+
+    def shrink_for_memory(self) -> None:
+        """The device ran out of memory in a step: preempt the newest sequence and run no more at once
+        until steps succeed again."""
+        self._preempt(self.running[-1])
+        self.running_cap = max(1, len(self.running))
+        self._steps_under_cap = 0
+
+    def step_ran(self) -> None:
+        if self.running_cap is not None:
+            self._steps_under_cap += 1
+            if self._steps_under_cap >= RUNNING_CAP_RELAX_STEPS:
+                self.running_cap += 1
+                self._steps_under_cap = 0
+                if self.running_cap >= self.limits.max_num_seqs:
+                    self.running_cap = None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -231,7 +253,8 @@ class Scheduler:
                 budget -= n
 
         # After a preemption the pool is short: admitting others now would only thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+        max_running = min(self.limits.max_num_seqs, self.running_cap or self.limits.max_num_seqs)
+        while not preempted and self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
             self._take_cached_prefix(seq)
             n, work = self._plan_chunk(seq, budget, tiles_left, planned)

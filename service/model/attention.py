@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 
@@ -60,6 +61,10 @@ class AttentionBackend(Protocol):
 
     def decode_group_tokens(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Gathered keys (summed over a decode group's padded sequences) one group may hold."""
+        ...
+
+    def reserve_workspace(self, kv_cache: torch.Tensor) -> None:
+        """Allocate whatever scratch memory the backend may use at most (a memory profile sees it)."""
         ...
 
     def forward(
@@ -205,9 +210,9 @@ class TorchPagedAttention:
             elif span.context_len <= self._chunk_tokens(kv_cache, q.shape[1], span.num_tokens):
                 keys, values = self._gather(kv_cache, span.block_table)
                 keys, values = keys[:, : span.context_len], values[:, : span.context_len]
-                offset = span.context_len - span.num_tokens
-                rows = torch.arange(span.num_tokens, device=q.device)[:, None] + offset
-                mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows  # causal, lower right
+                # Causal with the queries at the end of the context: as a bias object rather than a
+                # boolean mask, flash and memory-efficient kernels qualify on accelerators.
+                mask = causal_lower_right(span.num_tokens, span.context_len)
                 o = F.scaled_dot_product_attention(
                     qs.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa
                 ).squeeze(0)
@@ -215,6 +220,18 @@ class TorchPagedAttention:
                 o = self._attend_in_chunks(qs, kv_cache, span.block_table, span.context_len, scale)
             out[sl] = o.transpose(0, 1)
         return out
+
+
+def decode_groups(widths: list[int], room: int) -> list[tuple[int, int]]:
+    """(start, count) of consecutive decode sequences, longest first, whose padded keys (count x the
+    group's first width, in tokens) fit `room`; a sequence that alone exceeds it is a group of one."""
+    groups = []
+    start = 0
+    while start < len(widths):
+        count = max(1, min(len(widths) - start, room // widths[start]))
+        groups.append((start, count))
+        start += count
+    return groups
 
 
 def _element_size(dtype: torch.dtype) -> int:

@@ -14,6 +14,8 @@ from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .rope import apply_rope
 
+FP16_LIMIT = torch.finfo(torch.float16).max - 1000
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -90,4 +92,9 @@ class Phi3DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if x.dtype == torch.float16:
+            # fp16 (GPUs and NPUs without bf16) tops out at 65504: a residual stream that grows past it
+            # turns into inf and then NaN everywhere; clamping keeps it finite, as T5 does in fp16.
+            x = x.clamp_(-FP16_LIMIT, FP16_LIMIT)
+        return x

@@ -71,5 +71,28 @@ class Platform:
         """Device memory, or None where the KV pool is sized from --kv-cache-memory only (CPU)."""
         return None
 
+    def reset_peak(self) -> None:
+        """Start measuring the peak of allocated device memory anew."""
+
+    def peak_bytes(self) -> int:
+        return 0
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def empty_cache(self) -> None:
+        """Give cached, unused device memory back (after an out-of-memory error, after profiling)."""
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether `exc` says the device ran out of memory (then the step is retried with less)."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        text = str(exc).lower()
+        return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor of step inputs on the device (accelerators: pinned, without blocking)."""
+        return tensor.to(self.device, non_blocking=True)
+
     def synchronize(self) -> None:
         pass

@@ -15,18 +15,14 @@ import time
 from multiprocessing.connection import Connection
 
 import torch
-from PIL import Image
 
-from ..engine import Engine, EngineRequest, RequestRefused, SamplingOptions
-from ..engine.kv_cache import KVCacheSpec, blocks_needed
-from ..engine.pixels import TensorPixels
-from ..engine.request import ImageInput
-from ..engine.sequence import image_content_key
+from ..engine import Engine, EngineRequest, RequestRefused
 from ..logs import configure_logging
-from ..model import Phi3VForCausalLM, load_model
-from ..model.attention import AttentionBackend
+from ..model import load_model
 from ..platform import Platform, platform_for
-from ..processor.image import decode_count, preprocess_image
+from ..processor.image import decode_count
+from .kv_budget import kv_budget
+from .probes import warmup_request
 from .protocol import AbortRequest, AddRequest, Rejected, Shutdown, StepReport, WorkerReady, WorkerSettings
 
 log = logging.getLogger("visionchat.worker")
@@ -35,84 +31,6 @@ log = logging.getLogger("visionchat.worker")
 # tiles of 577 patches, the projector's rows for one image.
 VISION_ROWS_PER_TILE = 577
 PROJECTOR_ROWS = 1024
-
-
-def _synthetic_image(side: int, num_crops: int) -> tuple[ImageInput, int]:
-    """A generated image (no decoding), preprocessed in-process, and its token count."""
-    image = Image.new("RGB", (side, side * 3 // 4), (120, 30, 200))
-    processed = preprocess_image(image, num_crops)
-    key = image_content_key(f"warmup-{side}-{num_crops}".encode(), num_crops)
-    tiles = processed.pixel_values
-    return ImageInput(
-        key, processed.num_tokens, int(tiles.shape[0]), processed.image_size, TensorPixels(tiles)
-    ), processed.num_tokens
-
-
-def warmup_request(
-    eos_token_id: int,
-    capacity_tokens: int,
-    image_budget: int,
-    side: int = 64,
-    num_crops: int = 1,
-    text_tokens: int = 8,
-    with_image: bool = True,
-) -> EngineRequest:
-    """A request that runs the decoder, the sampler and (with an image) the vision tower, shrunk to
-    whatever the worker's limits allow (the image is left out if it cannot fit)."""
-    template = 8  # <s><|user|>\n ... \n<|end|>\n<|assistant|> and the 2 generated tokens
-    image, n = _synthetic_image(side, num_crops)
-    if not with_image or n > image_budget or n + 1 + template >= capacity_tokens:
-        n = 0
-    text_tokens = max(1, min(text_tokens, capacity_tokens - template - n - 1))
-    image_part = (*([-1] * n), 1) if n else ()
-    prompt = (1, 32010, *image_part, *([29871] * text_tokens), 13, 32007, 29871, 13, 32001)
-    return EngineRequest(
-        request_id="__warmup__",
-        prompt_ids=prompt,
-        images=(image,) if n else (),
-        sampling=SamplingOptions(max_new_tokens=2, eos_token_ids=frozenset({eos_token_id})),
-        arrival_time=time.time(),
-    )
-
-
-def _kv_budget(settings: WorkerSettings, platform: Platform, model: Phi3VForCausalLM, backend: AttentionBackend) -> int:
-    """Bytes for the KV pool: --kv-cache-memory, or on accelerators --kv-cache-fraction of the device.
-
-    With a fraction, a throwaway engine first runs one request at the largest step size (a full
-    token budget and an image of 17 crops through the vision micro-batches); the pool then gets the
-    fraction of total device memory less this process's peak during that profile (weights,
-    activations, workspace), as vLLM's gpu_memory_utilization does."""
-    config = settings.engine
-    memory = platform.memory_info()
-    if settings.kv_cache_fraction <= 0 or memory is None:
-        return config.kv_cache_memory_bytes
-    mem = torch.cuda if model.device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
-    probe = warmup_request(
-        model.config.eos_token_id,
-        config.max_model_len,
-        config.max_image_embed_tokens,
-        side=4 * 336,
-        num_crops=16,
-        text_tokens=config.max_num_batched_tokens,
-    )
-    spec = KVCacheSpec.for_model(model.config, config.block_size, model.dtype)
-    probe_blocks = blocks_needed(len(probe.prompt_ids) + 2, config.block_size)
-    mem.empty_cache()
-    mem.reset_peak_memory_stats(model.device)
-    profile = dataclasses.replace(
-        config, kv_cache_memory_bytes=spec.bytes_per_block * probe_blocks, vision_tiles_per_step=config.max_vision_crops
-    )
-    Engine(model, profile, backend).run_to_completion([probe])
-    peak = mem.max_memory_allocated(model.device)
-    mem.empty_cache()
-    total = platform.memory_info().total_bytes  # type: ignore[union-attr]
-    budget = int(total * settings.kv_cache_fraction) - peak
-    if budget < spec.bytes_per_block:
-        raise RuntimeError(
-            f"--kv-cache-fraction {settings.kv_cache_fraction}: {total * settings.kv_cache_fraction / 2**30:.1f} GiB "
-            f"of {model.device} leaves nothing for the KV cache after a peak of {peak / 2**30:.1f} GiB"
-        )
-    return budget
 
 
 @torch.inference_mode()
@@ -143,11 +61,11 @@ def start_engine(settings: WorkerSettings) -> tuple[Engine, WorkerReady]:
     for choice in platform.prepare_model(model, rows, settings.cpu_gemm):
         log.info("gemm path: %s", choice)
     backend = platform.attention_backend(settings.attention_backend, settings.attention_workspace)
-    config = dataclasses.replace(config, kv_cache_memory_bytes=_kv_budget(settings, platform, model, backend))
-    engine = Engine(model, config, backend)
+    kv_bytes = kv_budget(config, settings.kv_cache_fraction, model, backend, platform)
+    config = dataclasses.replace(config, kv_cache_memory_bytes=kv_bytes)
+    engine = Engine(model, config, backend, platform)
     capacity = min(config.max_model_len, engine.pool.num_blocks * config.block_size)
-    text_only = warmup_request(model.config.eos_token_id, capacity, config.max_image_embed_tokens, with_image=False)
-    platform.measured_tile_seconds(warm_up(engine, text_only, platform))
+    platform.measured_tile_seconds(warm_up(engine, warmup_request(model.config.eos_token_id, capacity), platform))
     engine.set_vision_tiles_per_step(platform.vision_tiles_per_step(config.vision_tiles_per_step))
     config = engine.config
     ready = WorkerReady(
