@@ -9,7 +9,7 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation soak device-check lint python-checks clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation bench-video bench-structured soak device-check lint python-checks clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY_VERSION) -m venv $(VENV)
@@ -72,6 +72,14 @@ bench: setup
 # A text stream's latency alone and next to heavy callers (8 MB prompts, 40-megapixel PNG floods, photos).
 bench-isolation: setup
 	$(PY) bench/isolation.py $(BENCH_ARGS)
+
+# A clip sent as a video next to the same frames sent as images: bytes on the wire and TTFT.
+bench-video: setup
+	$(PY) bench/video.py $(BENCH_ARGS)
+
+# Constrained streams (response formats) next to unconstrained ones; grammar compile times.
+bench-structured: setup
+	$(PY) bench/structured.py $(BENCH_ARGS)
 
 # Mixed clients for SOAK_MINUTES (default 30); RSS of every server process over time and its slope.
 SOAK_MINUTES ?= 30

@@ -5,7 +5,7 @@ from .errors import RpcErrorInfo, describe_rpc_error
 from .requests import DEFAULT_CHUNK_SIZE, PreparedRequest, prepare_request
 from .results import ResultAccumulator, StreamProtocolError
 from .sync import VisionChatClient
-from .types import ChatResult, Delta, ImageSource, Timings, TokenCount, TokenLogprob, Usage
+from .types import ChatResult, Delta, ImageSource, Timings, TokenCount, TokenLogprob, Usage, Video, VideoInfo
 
 __all__ = [
     "AsyncVisionChatClient",
@@ -21,6 +21,8 @@ __all__ = [
     "TokenCount",
     "TokenLogprob",
     "Usage",
+    "Video",
+    "VideoInfo",
     "VisionChatClient",
     "describe_rpc_error",
     "prepare_request",

@@ -14,7 +14,7 @@ from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 from .channel import ChannelOptions, channel_options
 from .requests import DEFAULT_CHUNK_SIZE, PreparedRequest, PromptOrMessages, prepare_request
 from .results import aiter_results, message_to_dict, token_count_from_proto
-from .types import ChatResult, Delta, ImageSource, TokenCount
+from .types import ChatResult, Delta, ImageSource, TokenCount, VideoLike
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -77,6 +77,7 @@ class AsyncVisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -91,7 +92,13 @@ class AsyncVisionChatClient:
         contextlib.aclosing() to make that immediate.
         """
         prepared = await _prepare(
-            prompt_or_messages, images, system=system, num_crops=num_crops, request_id=request_id, **sampling
+            prompt_or_messages,
+            images,
+            system=system,
+            videos=videos,
+            num_crops=num_crops,
+            request_id=request_id,
+            **sampling,
         )
         call = self.stub.Chat(prepared.chat_requests(chunk_size), timeout=timeout, metadata=metadata)
         try:
@@ -105,6 +112,7 @@ class AsyncVisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -119,6 +127,7 @@ class AsyncVisionChatClient:
                 prompt_or_messages,
                 images,
                 system=system,
+                videos=videos,
                 num_crops=num_crops,
                 chunk_size=chunk_size,
                 timeout=timeout,
@@ -133,6 +142,7 @@ class AsyncVisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
@@ -142,7 +152,13 @@ class AsyncVisionChatClient:
     ) -> AsyncIterator[Delta | ChatResult]:
         """Generate RPC (images inline in one request): yields Delta objects, then the ChatResult."""
         prepared = await _prepare(
-            prompt_or_messages, images, system=system, num_crops=num_crops, request_id=request_id, **sampling
+            prompt_or_messages,
+            images,
+            system=system,
+            videos=videos,
+            num_crops=num_crops,
+            request_id=request_id,
+            **sampling,
         )
         call = self.stub.Generate(prepared.generate_request(), timeout=timeout, metadata=metadata)
         try:
@@ -156,6 +172,7 @@ class AsyncVisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
@@ -169,6 +186,7 @@ class AsyncVisionChatClient:
                 prompt_or_messages,
                 images,
                 system=system,
+                videos=videos,
                 num_crops=num_crops,
                 timeout=timeout,
                 request_id=request_id,
@@ -182,12 +200,13 @@ class AsyncVisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> TokenCount:
-        prepared = await _prepare(prompt_or_messages, images, system=system, num_crops=num_crops)
+        prepared = await _prepare(prompt_or_messages, images, system=system, videos=videos, num_crops=num_crops)
         response = await self.stub.CountTokens(prepared.count_tokens_request(), timeout=timeout, metadata=metadata)
         return token_count_from_proto(response)
 

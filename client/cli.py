@@ -19,7 +19,7 @@ from .errors import describe_rpc_error
 from .requests import DEFAULT_CHUNK_SIZE
 from .results import StreamProtocolError
 from .sync import VisionChatClient
-from .types import ChatResult, Delta
+from .types import ChatResult, Delta, Video
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "VISIONCHAT_SERVER"
@@ -67,6 +67,25 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="image file; repeat for several (attached to the prompt in order)",
+    )
+    parser.add_argument(
+        "--video",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="video clip (MP4, MKV, WebM, AVI, MPEG-TS); repeat for several; the server samples its frames",
+    )
+    parser.add_argument("--frames", type=_positive_int, default=None, metavar="N", help="frames sampled per video")
+    parser.add_argument(
+        "--fps", type=_non_negative_float, default=None, metavar="R", help="or frames per second sampled per video"
+    )
+    parser.add_argument("--start", type=_non_negative_float, default=None, metavar="S", help="video range start (s)")
+    parser.add_argument("--end", type=_non_negative_float, default=None, metavar="S", help="video range end (s)")
+    parser.add_argument(
+        "--video-num-crops", type=_positive_int, default=None, metavar="N", help="HD crop budget per frame, 1..16"
+    )
+    parser.add_argument(
+        "--timestamps", action="store_true", help='write each frame\'s time ("1.50s: ") before it in the prompt'
     )
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
     parser.add_argument("--num-crops", type=_positive_int, default=None, metavar="N", help="HD crop budget, 1..16")
@@ -150,8 +169,23 @@ def _prompt(args: argparse.Namespace, stdin: TextIO) -> str:
     return stdin.read() if args.prompt == "-" else args.prompt
 
 
+def _videos(args: argparse.Namespace) -> list[Video]:
+    return [
+        Video(
+            path,
+            num_frames=args.frames,
+            frames_per_second=args.fps,
+            start_seconds=args.start,
+            end_seconds=args.end,
+            num_crops=args.video_num_crops,
+            timestamps_in_prompt=args.timestamps,
+        )
+        for path in args.video or ()
+    ]
+
+
 def _input_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"system": args.system, "num_crops": args.num_crops, "timeout": args.timeout}
+    return {"system": args.system, "num_crops": args.num_crops, "timeout": args.timeout, "videos": _videos(args)}
 
 
 def _run_chat(client: VisionChatClient, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
@@ -221,7 +255,7 @@ def main(
         # The reader (e.g. `| head`) went away; nothing useful is left to say.
         return EXIT_ERROR
     except OSError as exc:
-        # Almost always an --image path that cannot be read.
+        # Almost always an --image or --video path that cannot be read.
         print(f"error: {exc}", file=err)
         return EXIT_INVALID
     except (ValueError, TypeError) as exc:

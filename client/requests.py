@@ -15,7 +15,7 @@ from typing import Any
 
 from visionchat.v1 import visionchat_pb2 as pb
 
-from .types import ImageSource
+from .types import ImageSource, Video, VideoLike
 
 # 1 MiB keeps every message far below gRPC's default 4 MiB limit while costing few messages.
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -32,8 +32,9 @@ _ROLES: dict[str, Any] = {  # visionchat.v1.Role values
     "assistant": pb.ROLE_ASSISTANT,
 }
 _MESSAGE_KEYS = frozenset({"role", "text", "images", "image_indices"})
-# The prompt placeholder of Phi-3.5-vision; N is 1-based.
+# The prompt placeholder of Phi-3.5-vision; N is 1-based. VisionChat's video placeholder likewise.
 _IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+_VIDEO_TAG = re.compile(r"<\|video_(\d+)\|>")
 
 
 def _checked(source: Any) -> ImageSource:
@@ -42,18 +43,53 @@ def _checked(source: Any) -> ImageSource:
     return source if not isinstance(source, (bytearray, memoryview)) else bytes(source)
 
 
-def read_image(source: ImageSource) -> bytes:
-    """Bytes are taken as an encoded image; anything else as a path to one."""
+def read_image(source: ImageSource, what: str = "image") -> bytes:
+    """Bytes are taken as an encoded image (or clip); anything else as a path to one."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"image must be a path or bytes, not {source!r}")
+        raise TypeError(f"{what} must be a path or bytes, not {source!r}")
     return Path(source).read_bytes()
 
 
+def video_message(video: VideoLike) -> pb.Video:
+    """A clip read and its sampling options; unset options are left to the server."""
+    v = video if isinstance(video, Video) else Video(video)
+    options = pb.VideoOptions(timestamps_in_prompt=v.timestamps_in_prompt)
+    if v.num_frames is not None:
+        options.num_frames = v.num_frames
+    if v.frames_per_second is not None:
+        options.frames_per_second = v.frames_per_second
+    if v.start_seconds is not None:
+        options.start_seconds = v.start_seconds
+    if v.end_seconds is not None:
+        options.end_seconds = v.end_seconds
+    if v.num_crops is not None:
+        options.num_crops = v.num_crops
+    return pb.Video(data=read_image(v.source, "video"), options=options)
+
+
+def attach_videos(messages: list[pb.Message], count: int) -> None:
+    """Each of `count` videos goes to the user turn whose text names it (``<|video_N|>``), the others
+    to the first user turn (the server puts unnamed ones at the turn's start)."""
+    attached = {i for m in messages for i in m.video_indices}
+    users = [m for m in messages if m.role == pb.ROLE_USER]
+    for msg in users:
+        for match in _VIDEO_TAG.finditer(msg.text):
+            idx = int(match.group(1)) - 1
+            if 0 <= idx < count and idx not in attached:
+                msg.video_indices.append(idx)
+                attached.add(idx)
+    rest = [i for i in range(count) if i not in attached]
+    if rest:
+        if not users:
+            raise ValueError("videos were given but the conversation has no user turn to attach them to")
+        users[0].video_indices.extend(rest)
+
+
 def _as_list(images: Any) -> list[Any]:
-    # A lone path or bytes object is one image, not a sequence of characters or byte values.
-    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+    # A lone path, bytes object or Video is one item, not a sequence of characters or byte values.
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Video)):
         return [images]
     return list(images)
 
@@ -196,26 +232,34 @@ def image_options(num_crops: int | None = None) -> pb.ImageOptions:
     return options
 
 
+def _chunks(data: bytes, chunk_size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for offset in range(0, max(len(view), 1), chunk_size):
+        yield bytes(view[offset : offset + chunk_size])
+
+
 def chat_request_stream(
     start: pb.ChatStart,
     images: Sequence[bytes],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    videos: Sequence[bytes] = (),
 ) -> Iterator[pb.ChatRequest]:
-    """start, then every image in chunk_size pieces (image by image), then end_of_input.
+    """start, then every image in chunk_size pieces (image by image), then every video's, then
+    end_of_input.
 
     `start.image_count` is sent as given, even if it disagrees with `images`, so that tests can
-    exercise the server's checks. An empty image still gets one (empty) chunk, so the server sees
-    every announced index.
+    exercise the server's checks. An empty image or video still gets one (empty) chunk, so the server
+    sees every announced index.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, not {chunk_size!r}")
     yield pb.ChatRequest(start=start)
     for index, data in enumerate(images):
-        view = memoryview(data)
-        for offset in range(0, max(len(view), 1), chunk_size):
-            yield pb.ChatRequest(
-                image_chunk=pb.ImageChunk(image_index=index, data=bytes(view[offset : offset + chunk_size]))
-            )
+        for chunk in _chunks(data, chunk_size):
+            yield pb.ChatRequest(image_chunk=pb.ImageChunk(image_index=index, data=chunk))
+    for index, data in enumerate(videos):
+        for chunk in _chunks(data, chunk_size):
+            yield pb.ChatRequest(video_chunk=pb.VideoChunk(video_index=index, data=chunk))
     yield pb.ChatRequest(end_of_input=pb.EndOfInput())
 
 
@@ -228,6 +272,7 @@ class PreparedRequest:
     sampling: pb.SamplingParams = field(default_factory=pb.SamplingParams)
     image_options: pb.ImageOptions = field(default_factory=pb.ImageOptions)
     request_id: str = ""
+    videos: list[pb.Video] = field(default_factory=list)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -240,10 +285,11 @@ class PreparedRequest:
             image_count=len(self.images),
             image_options=self.image_options,
             request_id=self.request_id,
+            videos=[v.options for v in self.videos],
         )
 
     def chat_requests(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.ChatRequest]:
-        return chat_request_stream(self.chat_start(), self.images, chunk_size)
+        return chat_request_stream(self.chat_start(), self.images, chunk_size, [v.data for v in self.videos])
 
     def generate_request(self) -> pb.GenerateRequest:
         return pb.GenerateRequest(
@@ -252,10 +298,13 @@ class PreparedRequest:
             images=self.images,
             image_options=self.image_options,
             request_id=self.request_id,
+            videos=self.videos,
         )
 
     def count_tokens_request(self) -> pb.CountTokensRequest:
-        return pb.CountTokensRequest(messages=self.messages, images=self.images, image_options=self.image_options)
+        return pb.CountTokensRequest(
+            messages=self.messages, images=self.images, image_options=self.image_options, videos=self.videos
+        )
 
 
 def prepare_request(
@@ -265,14 +314,18 @@ def prepare_request(
     system: str | None = None,
     num_crops: int | None = None,
     request_id: str | None = None,
+    videos: Sequence[VideoLike] = (),
     **sampling: Any,
 ) -> PreparedRequest:
     """Everything a client method needs; `sampling` takes the keywords of sampling_params()."""
     messages, sources = build_messages(prompt_or_messages, images, system=system)
+    videos = _as_list(videos)
+    attach_videos(messages, len(videos))
     return PreparedRequest(
         messages=messages,
         images=[read_image(s) for s in sources],
         sampling=sampling_params(**sampling),
         image_options=image_options(num_crops),
         request_id=request_id or "",
+        videos=[video_message(v) for v in videos],
     )

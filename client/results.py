@@ -23,6 +23,8 @@ from .types import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    VideoFrameInfo,
+    VideoInfo,
 )
 
 _FINISH_PREFIX = "FINISH_REASON_"
@@ -105,6 +107,7 @@ class ResultAccumulator:
                 image_tokens=fin.usage.image_tokens,
                 completion_tokens=fin.usage.completion_tokens,
                 cached_tokens=fin.usage.cached_tokens,
+                video_tokens=fin.usage.video_tokens,
             ),
             timings=Timings(
                 queue_seconds=fin.timings.queue_seconds,
@@ -115,7 +118,25 @@ class ResultAccumulator:
             logprobs=list(self._logprobs) if self._with_logprobs else None,
             matched_stop=fin.matched_stop,
             error_message=fin.error_message,
+            videos=videos_from_proto(fin.videos),
         )
+
+
+def videos_from_proto(videos: Iterable[pb.VideoInfo]) -> list[VideoInfo]:
+    return [
+        VideoInfo(
+            video_index=v.video_index,
+            width=v.width,
+            height=v.height,
+            duration_seconds=v.duration_seconds,
+            num_crops=v.num_crops,
+            tokens=v.tokens,
+            codec=v.codec,
+            frames_decoded=v.frames_decoded,
+            frames=[VideoFrameInfo(f.frame_index, f.timestamp_seconds, f.tokens) for f in v.frames],
+        )
+        for v in videos
+    ]
 
 
 def token_count_from_proto(resp: pb.CountTokensResponse) -> TokenCount:
@@ -136,6 +157,8 @@ def token_count_from_proto(resp: pb.CountTokensResponse) -> TokenCount:
             )
             for i in resp.images
         ],
+        video_tokens=resp.video_tokens,
+        videos=videos_from_proto(resp.videos),
     )
 
 

@@ -12,7 +12,7 @@ from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 from .channel import ChannelOptions, channel_options
 from .requests import DEFAULT_CHUNK_SIZE, PromptOrMessages, prepare_request
 from .results import iter_results, message_to_dict, token_count_from_proto
-from .types import ChatResult, Delta, ImageSource, TokenCount
+from .types import ChatResult, Delta, ImageSource, TokenCount, VideoLike
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -66,6 +66,7 @@ class VisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -79,7 +80,13 @@ class VisionChatClient:
         The request is built and the call started here, so bad arguments fail at the call site.
         """
         prepared = prepare_request(
-            prompt_or_messages, images, system=system, num_crops=num_crops, request_id=request_id, **sampling
+            prompt_or_messages,
+            images,
+            system=system,
+            videos=videos,
+            num_crops=num_crops,
+            request_id=request_id,
+            **sampling,
         )
         requests = prepared.chat_requests(chunk_size)
         call = self._stub.Chat(requests, timeout=timeout, metadata=metadata)
@@ -90,6 +97,7 @@ class VisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -104,6 +112,7 @@ class VisionChatClient:
                 prompt_or_messages,
                 images,
                 system=system,
+                videos=videos,
                 num_crops=num_crops,
                 chunk_size=chunk_size,
                 timeout=timeout,
@@ -118,6 +127,7 @@ class VisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
@@ -127,7 +137,13 @@ class VisionChatClient:
     ) -> Iterator[Delta | ChatResult]:
         """Generate RPC (images inline in one request): yields Delta objects, then the ChatResult."""
         prepared = prepare_request(
-            prompt_or_messages, images, system=system, num_crops=num_crops, request_id=request_id, **sampling
+            prompt_or_messages,
+            images,
+            system=system,
+            videos=videos,
+            num_crops=num_crops,
+            request_id=request_id,
+            **sampling,
         )
         call = self._stub.Generate(prepared.generate_request(), timeout=timeout, metadata=metadata)
         return _fold_and_cancel(call, prepared.wants_logprobs)
@@ -137,6 +153,7 @@ class VisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
@@ -150,6 +167,7 @@ class VisionChatClient:
                 prompt_or_messages,
                 images,
                 system=system,
+                videos=videos,
                 num_crops=num_crops,
                 timeout=timeout,
                 request_id=request_id,
@@ -163,12 +181,13 @@ class VisionChatClient:
         prompt_or_messages: PromptOrMessages,
         images: Sequence[ImageSource] = (),
         *,
+        videos: Sequence[VideoLike] = (),
         system: str | None = None,
         num_crops: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> TokenCount:
-        prepared = prepare_request(prompt_or_messages, images, system=system, num_crops=num_crops)
+        prepared = prepare_request(prompt_or_messages, images, system=system, videos=videos, num_crops=num_crops)
         response = self._stub.CountTokens(prepared.count_tokens_request(), timeout=timeout, metadata=metadata)
         return token_count_from_proto(response)
 

@@ -15,6 +15,24 @@ from typing import Any
 ImageSource = str | os.PathLike | bytes
 
 
+@dataclass(frozen=True)
+class Video:
+    """A clip (a path or its encoded bytes) and how the server samples its frames; None leaves an
+    option to the server (num_frames and frames_per_second both unset: its --default-video-frames)."""
+
+    source: ImageSource
+    num_frames: int | None = None
+    frames_per_second: float | None = None
+    start_seconds: float | None = None
+    end_seconds: float | None = None
+    num_crops: int | None = None
+    timestamps_in_prompt: bool = False
+
+
+# A bare path or bytes is a Video with the server's default sampling.
+VideoLike = Video | ImageSource
+
+
 def _as_dict(obj: Any) -> dict[str, Any]:
     # dataclasses.asdict recurses into nested dataclasses and lists, which is all these types hold.
     return dataclasses.asdict(obj)
@@ -44,6 +62,7 @@ class Usage:
     image_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    video_tokens: int = 0  # the part of image_tokens that stands for video frames
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
@@ -80,6 +99,28 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class VideoFrameInfo:
+    frame_index: int  # position in the clip, presentation order
+    timestamp_seconds: float  # from the clip's first frame
+    tokens: int
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """A video as the server read it (upright size) and the frames it sampled."""
+
+    video_index: int
+    width: int
+    height: int
+    duration_seconds: float
+    num_crops: int
+    tokens: int
+    codec: str
+    frames_decoded: int
+    frames: list[VideoFrameInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ChatResult:
     """The whole answer of one Chat/Generate call: concatenated deltas plus the final report."""
 
@@ -95,6 +136,7 @@ class ChatResult:
     matched_stop: str = ""
     # Server-side explanation; only set when finish_reason == "error".
     error_message: str = ""
+    videos: list[VideoInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = _as_dict(self)
@@ -123,6 +165,8 @@ class TokenCount:
     text_tokens: int
     image_tokens: int
     images: list[ImageTokenCount] = field(default_factory=list)
+    video_tokens: int = 0
+    videos: list[VideoInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)

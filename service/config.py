@@ -166,6 +166,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-image-bytes", parse_bytes, "20MiB", "Encoded bytes per image"),
     Option("max-total-image-bytes", parse_bytes, "100MiB", "Encoded image bytes per request"),
     Option("max-image-pixels", int, 40_000_000, "Pixels per decoded image (decompression-bomb guard)"),
+    Option("max-videos", int, 4, "Videos per request"),
+    Option(
+        "max-video-bytes",
+        parse_bytes,
+        "128MiB",
+        "Encoded bytes per video (Generate and CountTokens are also bound by --max-receive-message-bytes)",
+    ),
+    Option("max-total-video-bytes", parse_bytes, "256MiB", "Encoded video bytes per request"),
+    Option("max-video-frames", int, 64, "Frames sampled from all videos of a request together"),
+    Option("default-video-frames", int, 8, "Frames sampled from a video that sets neither num_frames nor fps"),
+    Option("max-video-seconds", float, 3600.0, "Duration of a video"),
+    Option("max-video-pixels", int, 8_847_360, "Pixels per video frame (4096x2160)"),
+    Option(
+        "max-video-decoded-frames",
+        int,
+        20_000,
+        "Frames decoded to reach one video's sampled frames (seeking skips to keyframes; sparse keyframes cost "
+        "more); known before decoding",
+    ),
     Option("max-context-tokens", int, 0, "Prompt + generated tokens per request; 0 = the model's context length"),
     Option("max-new-tokens", int, 4096, "Upper bound on max_new_tokens"),
     Option("default-max-new-tokens", int, 512, "max_new_tokens when the request leaves it unset"),
@@ -218,6 +237,14 @@ class ServerConfig:
     max_image_bytes: int
     max_total_image_bytes: int
     max_image_pixels: int
+    max_videos: int
+    max_video_bytes: int
+    max_total_video_bytes: int
+    max_video_frames: int
+    default_video_frames: int
+    max_video_seconds: float
+    max_video_pixels: int
+    max_video_decoded_frames: int
     max_context_tokens: int
     max_new_tokens: int
     default_max_new_tokens: int
@@ -268,6 +295,10 @@ def validate(config: ServerConfig) -> None:
         problems.append("--kv-cache-fraction must be in (0, 1)")
     if config.workers_per_device < 1:
         problems.append("--workers-per-device must be >= 1")
+    if config.max_video_frames < 1 or not 1 <= config.default_video_frames <= config.max_video_frames:
+        problems.append("--max-video-frames must be >= 1 and --default-video-frames between 1 and it")
+    if config.max_video_seconds <= 0 or config.max_video_pixels < 1 or config.max_video_decoded_frames < 1:
+        problems.append("--max-video-seconds, --max-video-pixels and --max-video-decoded-frames must be > 0")
     if config.default_max_new_tokens > config.max_new_tokens:
         problems.append("--default-max-new-tokens exceeds --max-new-tokens")
     if config.attention_workspace < 1 << 20:

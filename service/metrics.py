@@ -212,7 +212,23 @@ class Metrics:
             registry=r,
         )
         self.preprocess_images = Counter(
-            p + "preprocess_images", "Images decoded and transformed by the preprocessing stage", registry=r
+            p + "preprocess_images",
+            "Images (video frames included) decoded and transformed by the preprocessing stage",
+            registry=r,
+        )
+        self.video_decode_seconds = Histogram(
+            p + "video_decode_seconds",
+            "Time to decode one video's sampled frames and transform them, in the preprocessing stage",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.video_frames_sampled = Counter(
+            p + "video_frames_sampled", "Video frames sampled for the model (each becomes an image)", registry=r
+        )
+        self.video_frames_decoded = Counter(
+            p + "video_frames_decoded",
+            "Video frames decoded to reach the sampled ones (keyframe seeking skips the others)",
+            registry=r,
         )
         self.worker_image_decodes = Counter(
             p + "worker_image_decodes",
@@ -288,6 +304,11 @@ class Metrics:
         if seconds > 0:
             self.preprocess_seconds.observe(seconds)
         self.preprocess_images.inc(images)
+
+    def video_decoded(self, seconds: float, sampled: int, decoded: int) -> None:
+        self.video_decode_seconds.observe(seconds)
+        self.video_frames_sampled.inc(sampled)
+        self.video_frames_decoded.inc(decoded)
 
     def _advance(self, name: str, counter: Counter, key: str, value: int) -> None:
         """Add a worker's cumulative count's growth since its last report to `counter`."""

@@ -126,19 +126,37 @@ class Router:
         return min(live, key=lambda w: (waiting[w.name], -(w.state.stats.kv_blocks_free if w.state.stats else 0)))
 
     def _check_fits(self, worker: WorkerHandle, request: EngineRequest) -> None:
+        self._check_sizes_fit(
+            worker,
+            len(request.prompt_ids),
+            request.sampling.max_new_tokens,
+            max((img.num_tokens for img in request.images), default=0),
+        )
+
+    def _check_sizes_fit(
+        self, worker: WorkerHandle, prompt_tokens: int, max_new_tokens: int, largest_image_tokens: int
+    ) -> None:
         info = worker.state.info
         if info is None:
             return
         config = info.engine
         check_fits(
-            len(request.prompt_ids),
-            request.sampling.max_new_tokens,
+            prompt_tokens,
+            max_new_tokens,
             config.max_model_len,
             info.stats.kv_blocks_total,
             config.block_size,
-            max((img.num_tokens for img in request.images), default=0),
+            largest_image_tokens,
             config.max_image_embed_tokens,
         )
+
+    def check_could_fit(self, min_prompt_tokens: int, max_new_tokens: int, largest_image_tokens: int) -> None:
+        """Refuse what even the roomiest worker could never hold, from a lower bound on the prompt's
+        tokens: called before a request's images or video frames are decoded."""
+        known = [w for w in self.workers if w.state.info is not None]
+        if known:
+            roomiest = max(known, key=lambda w: w.state.info.stats.kv_blocks_total if w.state.info else 0)
+            self._check_sizes_fit(roomiest, min_prompt_tokens, max_new_tokens, largest_image_tokens)
 
     def _assign(self, stream: RequestStream, worker: WorkerHandle) -> None:
         if not any(s.worker is worker for s in self.streams.values() if s is not stream):

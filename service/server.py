@@ -29,6 +29,7 @@ from .preprocess.pixel_store import PixelStore
 from .preprocess.pool import PreprocessPool
 from .preprocess.preparer import Preparer
 from .processor.prompt import PromptBuilder
+from .processor.video import VideoLimits
 from .router import Router
 from .worker.handle import WorkerHandle
 from .worker.protocol import StepReport, WorkerReady, WorkerSettings
@@ -223,7 +224,14 @@ class VisionChatServer:
             self.settings, [self.metrics, self.health_tracker], mp.get_context("spawn"), config.worker_stall_timeout
         )
         self.health_tracker.router = self.router
-        preparer = Preparer(self.builder, pool, store, config.max_image_pixels, self.context_len)
+        video_limits = VideoLimits(
+            max_frames=config.max_video_frames,
+            max_pixels=config.max_video_pixels,
+            max_seconds=config.max_video_seconds,
+            max_decoded_frames=config.max_video_decoded_frames,
+            default_frames=config.default_video_frames,
+        )
+        preparer = Preparer(self.builder, pool, store, config.max_image_pixels, self.context_len, video_limits)
         self.metrics.attach(self.router, self.state, pool, store)
         servicer = VisionChatServiceServicer(
             config,

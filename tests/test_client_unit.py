@@ -313,7 +313,10 @@ def test_result_to_dict_is_json_ready():
     data = json.loads(json.dumps(result.to_dict()))
     assert {"text", "token_ids", "finish_reason", "usage", "timings", "request_id"} <= set(data)
     assert "logprobs" not in data  # not requested
-    assert data["usage"] == {"prompt_tokens": 775, "image_tokens": 757, "completion_tokens": 3, "cached_tokens": 12}
+    assert data["usage"] == {
+        "prompt_tokens": 775, "image_tokens": 757, "completion_tokens": 3, "cached_tokens": 12, "video_tokens": 0
+    }
+    assert data["videos"] == []
     assert data["finish_reason"] == "length"
 
 
@@ -327,6 +330,8 @@ def test_token_count_from_proto():
     assert count.to_dict() == {
         "prompt_tokens": 800, "text_tokens": 43, "image_tokens": 757,
         "images": [{"image_index": 0, "width": 640, "height": 480, "num_crops": 16, "tokens": 757, "processed_width": 0, "processed_height": 0, "crops": 0}],
+        "video_tokens": 0,
+        "videos": [],
     }
 
 
@@ -395,3 +400,18 @@ def test_cli_rejects_bad_arguments(argv, capsys):
 def test_usage_line_format():
     result = ResultAccumulator().add(_finished(pb.FINISH_REASON_LENGTH))
     assert usage_line(result) == "[finish=length prompt=775 image=757 completion=3 ttft=0.123s total=0.456s]"
+
+
+def test_videos_attach_to_the_turn_that_names_them_and_stream_as_chunks():
+    from client import Video
+
+    prepared = prepare_request("Summarize.", videos=[Video(b"abcdef", num_frames=3, end_seconds=2.5), b"xyz"])
+    assert list(prepared.messages[0].video_indices) == [0, 1]
+    assert prepared.videos[0].options.num_frames == 3 and prepared.videos[0].options.end_seconds == 2.5
+    assert not prepared.videos[1].options.HasField("end_seconds")  # unset: the server's default
+    chunks = [r.video_chunk for r in prepared.chat_requests(chunk_size=4) if r.HasField("video_chunk")]
+    assert [(c.video_index, c.data) for c in chunks] == [(0, b"abcd"), (0, b"ef"), (1, b"xyz")]
+    assert len(prepared.chat_start().videos) == 2 and prepared.generate_request().videos[1].data == b"xyz"
+    turns = [{"role": "user", "text": "First."}, {"role": "assistant", "text": "Ok."}, {"role": "user", "text": "Now <|video_1|>?"}]
+    named = prepare_request(turns, videos=[b"clip"])
+    assert [list(m.video_indices) for m in named.messages] == [[], [], [0]]

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_messages
+from clips import make_clip
 from harness import ROOT, TINY_MODEL, ServerProcess, collect, generate_request, user
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
@@ -52,6 +53,7 @@ def start_failure(args: list[str], timeout: float = 120) -> tuple[int, str]:
 def test_readme_commands_run_as_written_from_another_directory(server: ServerProcess, tmp_path: Path) -> None:
     for name in ("a.jpg", "b.png"):
         Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / name)
+    (tmp_path / "clip.mp4").write_bytes(make_clip("mp4", frames=24, fps=12))
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ""}
     commands = [line.strip() for line in readme_block("## Calling it").splitlines() if line.strip()]
     assert len(commands) >= 5 and all(c.startswith(("visionchat ", "visionchat-server ")) for c in commands)

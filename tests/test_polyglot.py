@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from harness import IMAGES, ROOT, ServerProcess
 
-from client import VisionChatClient
+from client import Video, VisionChatClient
 from client.types import ChatResult
 
 NODE_DIR = ROOT / "client" / "node"
@@ -303,7 +303,8 @@ def test_buf_breaking_catches_deliberate_break(change: str, tmp_path: Path) -> N
 
 RECIPE = re.compile(r"<!-- recipe: (\S+) -->\s*```sh\n(.*?)```", re.S)
 DOC_ADDRESS = "localhost:50051"
-RECIPES = ["list", "describe", "get-model-info", "count-tokens", "generate", "chat"]
+RECIPES = ["list", "describe", "get-model-info", "count-tokens", "generate", "generate-video", "chat"]
+CLIP = ROOT / "tests" / "fixtures" / "clips" / "square_24f_12fps.mp4"
 
 
 def _recipes() -> dict[str, str]:
@@ -356,6 +357,16 @@ def test_grpcurl_recipe(name: str, server: ServerProcess, python_result: ChatRes
             expected = client.count_tokens(PROMPT, [IMAGE], num_crops=NUM_CROPS)
         assert (count["prompt_tokens"], count["image_tokens"]) == (expected.prompt_tokens, expected.image_tokens)
         assert count["prompt_tokens"] == python_result.usage.prompt_tokens
+    elif name == "generate-video":  # the same greedy request through the Python client
+        objs = _json_stream(out)
+        _, ids, finish = _generated(objs)
+        with VisionChatClient(server.address) as client:
+            expected = client.generate(
+                "Describe the video.", videos=[Video(CLIP, num_frames=4)], max_new_tokens=16, ignore_eos=True
+            )
+        assert (ids, finish) == (expected.token_ids, "FINISH_REASON_LENGTH")
+        frames = objs[-1]["finished"]["videos"][0]["frames"]
+        assert [f["frame_index"] for f in frames] == [3, 9, 15, 21]
     else:  # generate, chat: the same greedy request as the Python client's
         text, ids, finish = _generated(_json_stream(out))
         assert (text, ids, finish) == (python_result.text, python_result.token_ids, "FINISH_REASON_LENGTH")

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // VisionChat Node.js client: one chat over the bidirectional Chat RPC of visionchat.v1.
 //
-//   node client/node/chat.js --server HOST:PORT --image a.png [--max-new-tokens N] [--num-crops N]
+//   node client/node/chat.js --server HOST:PORT --image a.png [--video clip.mp4 --frames N]
+//                            [--max-new-tokens N] [--num-crops N]
 //                            [--ignore-eos] [--json] "PROMPT"
 //
 // The contract is loaded at run time from proto/ (../../proto) with @grpc/proto-loader, so there is
@@ -30,12 +31,15 @@ const EXIT_ERROR = 1;
 const EXIT_INVALID = 2;
 const EXIT_INTERRUPTED = 130;
 
-const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--system TEXT] [--num-crops N]
+const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--video PATH]... [--frames N]
+                    [--system TEXT] [--num-crops N]
                     [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed N]
                     [--ignore-eos] [--chunk-size BYTES] [--timeout S] [--request-id ID] [--json] PROMPT
 
   --server HOST:PORT  gRPC target, e.g. dns:///visionchat:50051 (default: $${SERVER_ENV} or ${DEFAULT_SERVER})
   --image PATH        image file; repeat for several (attached to the prompt in order)
+  --video PATH        video clip; repeat for several (the server samples its frames)
+  --frames N          frames sampled per video (default: the server's --default-video-frames)
   --json              print one JSON object {text, token_ids, finish_reason, usage, ...} at the end
   PROMPT              the user prompt; "-" reads it from stdin`;
 
@@ -66,6 +70,8 @@ function parse(argv) {
     options: {
       server: { type: "string", default: process.env[SERVER_ENV] || DEFAULT_SERVER },
       image: { type: "string", multiple: true, default: [] },
+      video: { type: "string", multiple: true, default: [] },
+      frames: { type: "string" },
       system: { type: "string" },
       "num-crops": { type: "string" },
       "max-new-tokens": { type: "string" },
@@ -94,6 +100,8 @@ function parse(argv) {
   return {
     server: String(values.server),
     images: /** @type {string[]} */ (values.image),
+    videos: /** @type {string[]} */ (values.video),
+    frames: intFlag("frames", values.frames, true),
     system: values.system,
     numCrops: intFlag("num-crops", values["num-crops"], true),
     sampling: Object.fromEntries(Object.entries(sampling).filter(([, v]) => v !== undefined)),
@@ -140,22 +148,34 @@ function write(call, message) {
   return call.write(message) ? Promise.resolve() : new Promise((resolve) => call.once("drain", resolve));
 }
 
-/** @param {any} call @param {ReturnType<typeof parse> & {}} args @param {Buffer[]} images */
-async function sendRequest(call, args, images) {
+/**
+ * @param {any} call @param {ReturnType<typeof parse> & {}} args @param {Buffer[]} images
+ * @param {Buffer[]} videos
+ */
+async function sendRequest(call, args, images, videos) {
   const messages = [];
   if (args.system !== undefined) messages.push({ role: "ROLE_SYSTEM", text: args.system, image_indices: [] });
-  messages.push({ role: "ROLE_USER", text: args.prompt, image_indices: images.map((_, i) => i) });
+  messages.push({
+    role: "ROLE_USER",
+    text: args.prompt,
+    image_indices: images.map((_, i) => i),
+    video_indices: videos.map((_, i) => i),
+  });
   const start = {
     messages,
     sampling: args.sampling,
     image_count: images.length,
     image_options: args.numCrops === undefined ? {} : { num_crops: args.numCrops },
     request_id: args.requestId,
+    videos: videos.map(() => (args.frames === undefined ? {} : { num_frames: args.frames })),
   };
   await write(call, { start });
-  for (const [index, data] of images.entries()) {
-    for (let off = 0; off < data.length; off += args.chunkSize) {
-      await write(call, { image_chunk: { image_index: index, data: data.subarray(off, off + args.chunkSize) } });
+  for (const [kind, items] of /** @type {const} */ ([["image", images], ["video", videos]])) {
+    for (const [index, data] of items.entries()) {
+      for (let off = 0; off < Math.max(data.length, 1); off += args.chunkSize) {
+        const chunk = { [`${kind}_index`]: index, data: data.subarray(off, off + args.chunkSize) };
+        await write(call, { [`${kind}_chunk`]: chunk });
+      }
     }
   }
   await write(call, { end_of_input: {} });
@@ -175,11 +195,12 @@ async function main(argv) {
     process.stdout.write(USAGE + "\n");
     return EXIT_OK;
   }
-  let images;
+  let images, videos;
   try {
     images = args.images.map((p) => fs.readFileSync(p));
+    videos = args.videos.map((p) => fs.readFileSync(p));
   } catch (err) {
-    process.stderr.write(`error: cannot read image: ${/** @type {Error} */ (err).message}\n`);
+    process.stderr.write(`error: cannot read file: ${/** @type {Error} */ (err).message}\n`);
     return EXIT_INVALID;
   }
 
@@ -223,7 +244,7 @@ async function main(argv) {
       });
       call.on("error", reject);
       call.on("end", resolve);
-      sendRequest(call, args, images).catch(reject);
+      sendRequest(call, args, images, videos).catch(reject);
     });
     if (finished === null) throw new Error("response stream ended without a `finished` message");
   } catch (err) {

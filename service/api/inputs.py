@@ -16,8 +16,10 @@ from visionchat.v1 import visionchat_pb2 as pb
 from ..config import ServerConfig
 from ..context_limit import context_problem
 from ..engine import SamplingOptions
+from ..preprocess.videos import VideoRequest
 from ..processor.image import MAX_NUM_CROPS
 from ..processor.prompt import ChatMessage
+from ..processor.video import VideoOptions
 from .errors import ApiError, invalid_argument
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
@@ -29,6 +31,7 @@ MAX_REPETITION_PENALTY = 10.0
 MIN_REPETITION_PENALTY = 0.01  # 0 means unset; tinier values blow logits up to inf
 DEFAULT_NUM_CROPS_SINGLE = 16
 DEFAULT_NUM_CROPS_MULTI = 4
+DEFAULT_NUM_CROPS_VIDEO = 4  # the model card's advice for multi-frame input
 MAX_REQUEST_ID_LENGTH = 256
 
 
@@ -41,6 +44,7 @@ class Call:
     sampling: pb.SamplingParams
     num_crops: int | None
     request_id: str
+    videos: tuple[VideoRequest, ...] = ()
 
 
 def convert_messages(messages: Iterable[pb.Message]) -> tuple[ChatMessage, ...]:
@@ -48,7 +52,14 @@ def convert_messages(messages: Iterable[pb.Message]) -> tuple[ChatMessage, ...]:
     for i, m in enumerate(messages):
         if m.role not in ROLE_NAMES:
             raise invalid_argument(f"messages[{i}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        out.append(ChatMessage(role=ROLE_NAMES[m.role], text=m.text, image_indices=tuple(m.image_indices)))
+        out.append(
+            ChatMessage(
+                role=ROLE_NAMES[m.role],
+                text=m.text,
+                image_indices=tuple(m.image_indices),
+                video_indices=tuple(m.video_indices),
+            )
+        )
     if not out:
         raise invalid_argument("messages", "the conversation is empty")
     return tuple(out)
@@ -75,6 +86,68 @@ def resolve_num_crops(options: pb.ImageOptions) -> int | None:
     if not 1 <= n <= MAX_NUM_CROPS:
         raise invalid_argument("image_options.num_crops", f"must be between 1 and {MAX_NUM_CROPS}, got {n}")
     return n
+
+
+def video_options(options: pb.VideoOptions, field: str) -> VideoOptions:
+    """A video's sampling options, each number checked (whether they fit the clip is known only once
+    the clip is opened)."""
+
+    def bad(name: str, msg: str) -> ApiError:
+        return invalid_argument(f"{field}.{name}", msg)
+
+    fps, start = options.frames_per_second, options.start_seconds
+    if not math.isfinite(fps) or fps < 0:
+        raise bad("frames_per_second", f"must be a finite number >= 0, got {fps}")
+    if not math.isfinite(start) or start < 0:
+        raise bad("start_seconds", f"must be a finite number >= 0, got {start}")
+    end = options.end_seconds if options.HasField("end_seconds") else None
+    if end is not None and (not math.isfinite(end) or end <= start):
+        raise bad("end_seconds", f"must be a finite number after start_seconds ({start:g}), got {end}")
+    num_crops = DEFAULT_NUM_CROPS_VIDEO
+    if options.HasField("num_crops"):
+        num_crops = options.num_crops
+        if not 1 <= num_crops <= MAX_NUM_CROPS:
+            raise bad("num_crops", f"must be between 1 and {MAX_NUM_CROPS}, got {num_crops}")
+    return VideoOptions(
+        num_frames=options.num_frames,
+        frames_per_second=fps,
+        start_seconds=start,
+        end_seconds=end,
+        num_crops=num_crops,
+        timestamps=options.timestamps_in_prompt,
+    )
+
+
+def check_video_limits(config: ServerConfig, sizes: list[int], field: str = "videos") -> None:
+    if len(sizes) > config.max_videos:
+        raise invalid_argument(
+            field, f"{len(sizes)} videos exceed the limit of {config.max_videos} per request (--max-videos)"
+        )
+    for k, size in enumerate(sizes):
+        if size > config.max_video_bytes:
+            raise invalid_argument(
+                f"{field}[{k}]",
+                f"{size} bytes exceed the limit of {config.max_video_bytes} bytes per video (--max-video-bytes)",
+            )
+    total = sum(sizes)
+    if total > config.max_total_video_bytes:
+        raise invalid_argument(
+            field,
+            f"{total} video bytes exceed the limit of {config.max_total_video_bytes} per request "
+            f"(--max-total-video-bytes)",
+        )
+
+
+def inline_videos(config: ServerConfig, videos: Iterable[pb.Video]) -> tuple[VideoRequest, ...]:
+    """Generate's and CountTokens' videos, checked."""
+    videos = list(videos)
+    check_video_limits(config, [len(v.data) for v in videos])
+    out = []
+    for v, video in enumerate(videos):
+        if not video.data:
+            raise invalid_argument(f"videos[{v}].data", "the video is empty")
+        out.append(VideoRequest(video.data, video_options(video.options, f"videos[{v}].options")))
+    return tuple(out)
 
 
 def check_image_limits(config: ServerConfig, sizes: list[int], field: str = "images") -> None:

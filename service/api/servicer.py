@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from ..model.config import ModelConfig
 from ..preprocess.pool import PoolBroken
 from ..preprocess.preparer import Checked, Preparer
+from ..preprocess.videos import VideoRequest
 from ..processor.image import MAX_NUM_CROPS
 from ..router import NoWorkerAvailable, Router, WorkerLost
 from .admission import Slots
@@ -37,14 +38,18 @@ from .handlers import SERVICE, Malformed
 from .inputs import (
     DEFAULT_NUM_CROPS_MULTI,
     DEFAULT_NUM_CROPS_SINGLE,
+    DEFAULT_NUM_CROPS_VIDEO,
     Call,
     check_image_limits,
     check_request_id,
+    check_video_limits,
     convert_messages,
+    inline_videos,
     num_crops_for,
     resolve_num_crops,
     sampling_options,
     validate_sampling,
+    video_options,
 )
 
 log = logging.getLogger("visionchat.requests")
@@ -225,6 +230,7 @@ class VisionChatServiceServicer:
                 sampling=request.sampling,
                 num_crops=resolve_num_crops(request.image_options),
                 request_id=request.request_id,
+                videos=inline_videos(self.config, request.videos),
             )
             async for item in self._run(call, pb.GenerateResponse, None):
                 yield item
@@ -282,7 +288,10 @@ class VisionChatServiceServicer:
                 "start.image_count",
                 f"{count} images exceed the limit of {self.config.max_images} per request (--max-images)",
             )
+        video_options_ = [video_options(o, f"start.videos[{v}]") for v, o in enumerate(start.videos)]
+        check_video_limits(self.config, [0] * len(video_options_), "start.videos")
         buffers = [bytearray() for _ in range(count)]
+        video_buffers = [bytearray() for _ in video_options_]
         while True:
             try:
                 msg = await self._next_message(it)
@@ -300,6 +309,15 @@ class VisionChatServiceServicer:
                 buffers[k] += msg.image_chunk.data
                 # Refuse as soon as a limit is passed rather than buffering an oversized upload to the end.
                 check_image_limits(self.config, [len(b) for b in buffers])
+            elif kind == "video_chunk":
+                v = msg.video_chunk.video_index
+                if v >= len(video_buffers):
+                    raise invalid_argument(
+                        "video_chunk.video_index",
+                        f"chunk for video {v}, but start.videos has {len(video_buffers)} entries",
+                    )
+                video_buffers[v] += msg.video_chunk.data
+                check_video_limits(self.config, [len(b) for b in video_buffers])
             elif kind == "end_of_input":
                 break
             elif kind == "start":
@@ -309,12 +327,16 @@ class VisionChatServiceServicer:
         for k, buf in enumerate(buffers):
             if not buf:
                 raise invalid_argument(f"images[{k}]", "no bytes were received for this image")
+        for v, buf in enumerate(video_buffers):
+            if not buf:
+                raise invalid_argument(f"videos[{v}]", "no bytes were received for this video")
         return Call(
             messages=convert_messages(start.messages),
             images=tuple(bytes(b) for b in buffers),
             sampling=start.sampling,
             num_crops=resolve_num_crops(start.image_options),
             request_id=start.request_id,
+            videos=tuple(VideoRequest(bytes(b), o) for b, o in zip(video_buffers, video_options_, strict=True)),
         )
 
     async def _expect_no_more(self, it: AsyncIterator[Any]) -> None:
@@ -327,7 +349,9 @@ class VisionChatServiceServicer:
     def _check(self, call: Call) -> Checked:
         validate_sampling(call.sampling, self.config, self.model_config.vocab_size)
         check_request_id(call.request_id)
-        return self.preparer.check(call.messages, call.images, num_crops_for(call), call.sampling.max_new_tokens)
+        return self.preparer.check(
+            call.messages, call.images, num_crops_for(call), call.sampling.max_new_tokens, call.videos
+        )
 
     async def _run(
         self, call: Call, response: type[Response], trailing: asyncio.Future[None] | None
@@ -335,10 +359,21 @@ class VisionChatServiceServicer:
         arrival = time.time()
         checked = self._check(call)
         with self.state.queued.take() as queue_slot:
+            checked = await self.preparer.plan(checked, call.sampling.max_new_tokens)
+            try:  # before anything is decoded: a 64-frame video that no KV pool holds costs no decoding
+                self.router.check_could_fit(
+                    self.preparer.min_prompt_tokens(checked),
+                    max(call.sampling.max_new_tokens, 1),
+                    checked.largest_image_tokens,
+                )
+            except RequestRefused as exc:
+                raise invalid_argument(REFUSAL_FIELD.get(exc.limit, exc.limit), str(exc)) from exc
             prepared = await self.preparer.prepare(checked)
             try:
                 prompt = prepared.prompt
                 self.metrics.preprocessed(prompt.seconds, len(prompt.images))
+                for video, seconds in zip(checked.planned or (), prompt.video_decode_seconds, strict=False):
+                    self.metrics.video_decoded(seconds, len(video.plan.frames), video.plan.frames_to_decode)
                 options = sampling_options(
                     call.sampling, prompt.num_prompt_tokens, self.config, self.context_len, self.eos_token_ids
                 )
@@ -441,6 +476,7 @@ class VisionChatServiceServicer:
                     image_tokens=checked.image_tokens,
                     completion_tokens=outcome.completion_tokens,
                     cached_tokens=outcome.cached_tokens,
+                    video_tokens=checked.video_tokens,
                 ),
                 timings=pb.Timings(
                     queue_seconds=outcome.queue_seconds or 0.0,
@@ -450,6 +486,7 @@ class VisionChatServiceServicer:
                 request_id=request_id,
                 matched_stop=matched_stop,
                 error_message=error_message,
+                videos=_video_infos(checked),
             )
         )
 
@@ -493,13 +530,17 @@ class VisionChatServiceServicer:
             sampling=pb.SamplingParams(),
             num_crops=resolve_num_crops(request.image_options),
             request_id="",
+            videos=inline_videos(self.config, request.videos),
         )
-        checked = self.preparer.check(call.messages, call.images, num_crops_for(call), 0)
+        checked = self.preparer.check(call.messages, call.images, num_crops_for(call), 0, call.videos)
+        checked = await self.preparer.plan(checked, 0)
         prompt = await self.preparer.count(checked)
         return pb.CountTokensResponse(
             prompt_tokens=prompt.num_prompt_tokens,
             text_tokens=prompt.num_prompt_tokens - checked.image_tokens,
             image_tokens=checked.image_tokens,
+            video_tokens=checked.video_tokens,
+            videos=_video_infos(checked),
             images=[
                 pb.ImageTokenCount(
                     image_index=k,
@@ -551,11 +592,42 @@ class VisionChatServiceServicer:
                 max_context_tokens=self.context_len,
                 max_new_tokens=c.max_new_tokens,
                 max_receive_message_bytes=c.max_receive_message_bytes,
+                max_videos_per_request=c.max_videos,
+                max_video_bytes=c.max_video_bytes,
+                max_total_video_bytes=c.max_total_video_bytes,
+                max_video_frames=c.max_video_frames,
+                max_video_seconds=c.max_video_seconds,
+                max_video_pixels=c.max_video_pixels,
             ),
             workers=workers,
             server_version=__version__,
             dtype=dtype,
+            default_num_crops_video=DEFAULT_NUM_CROPS_VIDEO,
+            default_video_frames=c.default_video_frames,
         )
+
+
+def _video_infos(checked: Checked) -> list[pb.VideoInfo]:
+    infos = []
+    for v, video in enumerate(checked.planned or ()):
+        plan = video.plan
+        infos.append(
+            pb.VideoInfo(
+                video_index=v,
+                width=plan.width,
+                height=plan.height,
+                duration_seconds=plan.duration_seconds,
+                num_crops=video.request.options.num_crops,
+                tokens=video.tokens,
+                frames=[
+                    pb.VideoFrameInfo(frame_index=f.index, timestamp_seconds=f.seconds, tokens=video.frame_tokens)
+                    for f in plan.frames
+                ],
+                codec=plan.codec,
+                frames_decoded=plan.frames_to_decode,
+            )
+        )
+    return infos
 
 
 def _token_info(token: Any) -> pb.TokenInfo:

@@ -45,6 +45,8 @@ class PixelReservation:
 
     paths: tuple[str, ...]
     nbytes: int
+    # Exists while the request still wants its pixels; the job writing them stops when it is gone.
+    live_marker: str = ""
     released: bool = field(default=False, compare=False)
 
 
@@ -72,13 +74,14 @@ class PixelStore:
             self.budget_bytes = room
 
     def reserve(self, tiles_per_image: list[int]) -> PixelReservation:
-        """Room for images of these tile counts, or Overloaded when the budget cannot take them now."""
+        """Room for images (or video frames) of these tile counts, or Overloaded when the budget cannot
+        take them now."""
         nbytes = sum(tiles_per_image) * TILE_BYTES
         if nbytes > self.budget_bytes:
             raise InvalidInput(
                 "images",
-                f"the images need {nbytes} bytes of preprocessed pixels; the server holds at most "
-                f"{self.budget_bytes} (--max-pixel-memory)",
+                f"the images and video frames need {nbytes} bytes of preprocessed pixels ({sum(tiles_per_image)} "
+                f"crops); the server holds at most {self.budget_bytes} (--max-pixel-memory)",
             )
         if self.used_bytes + nbytes > self.budget_bytes:
             raise Overloaded(
@@ -87,13 +90,21 @@ class PixelStore:
             )
         self.used_bytes += nbytes
         paths = tuple(str(self.folder / f"{uuid.uuid4().hex}.f32") for _ in tiles_per_image)
-        return PixelReservation(paths, nbytes)
+        marker = self.folder / f"{uuid.uuid4().hex}.live"
+        marker.touch()
+        return PixelReservation(paths, nbytes, str(marker))
+
+    @staticmethod
+    def abandon(reservation: PixelReservation) -> None:
+        """Tell the job filling this reservation to stop (its files are deleted by `release` once it has)."""
+        Path(reservation.live_marker).unlink(missing_ok=True)
 
     def release(self, reservation: PixelReservation) -> None:
         """Delete the request's pixel files (whether or not they were written) and return its bytes."""
         if reservation.released:
             return
         reservation.released = True
+        self.abandon(reservation)
         for path in reservation.paths:
             PixelFile(path, 0).delete()
         self.used_bytes -= reservation.nbytes

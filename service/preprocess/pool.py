@@ -17,10 +17,13 @@ import multiprocessing as mp
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from ..errors import Overloaded
 from . import job as job_module
-from .job import PreparedPrompt, PrepareJob
+
+J = TypeVar("J")
+R = TypeVar("R")
 
 log = logging.getLogger("visionchat.preprocess")
 NICE = 10
@@ -52,16 +55,17 @@ class PreprocessPool:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._executor, job_module.ping) for _ in range(self.processes)))
 
-    async def run(self, job: PrepareJob, on_abandon: Callable[[], None]) -> PreparedPrompt:
-        """The prepared prompt; Overloaded when the pool's queue is full. If the caller goes away while
-        the job runs, `on_abandon` is called once the job is over (its files may exist only then)."""
+    async def run(self, fn: Callable[[J], R], job: J, on_abandon: Callable[[], None] = lambda: None) -> R:
+        """fn(job) in a pool process (fn: a function of `job_module`, whose process state it may use);
+        Overloaded when the pool's queue is full. If the caller goes away while the job runs,
+        `on_abandon` is called once the job is over (its files may exist only then)."""
         if self.pending >= self.max_pending:
             raise Overloaded(
                 f"{self.pending} requests are being preprocessed (limit {self.max_pending}, "
                 f"--max-preprocess-queue); retry later"
             )
         self.pending += 1
-        future: Future[PreparedPrompt] = self._executor.submit(job_module.run_in_process, job)
+        future: Future[R] = self._executor.submit(fn, job)
         try:
             return await asyncio.wrap_future(future)
         except BrokenProcessPool:

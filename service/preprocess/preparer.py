@@ -9,6 +9,7 @@ tokenizing a few kilobytes costs less than the hop to another process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from ..context_limit import context_problem
@@ -22,10 +23,13 @@ from ..processor.image import (
     probe_image,
 )
 from ..processor.prompt import ChatMessage, PromptBuilder
+from ..processor.video import VideoLimits
+from . import job as job_module
 from .job import PreparedPrompt, PrepareJob, prepare
 from .limits import max_bytes_per_token, min_text_tokens
 from .pixel_store import PixelReservation, PixelStore
 from .pool import PreprocessPool
+from .videos import PlannedVideo, VideoRequest
 
 # Text-only prompts up to this many bytes are tokenized on the event loop (about a millisecond).
 INLINE_TEXT_BYTES = 4096
@@ -44,16 +48,28 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class Checked:
-    """A call that passed the cheap checks."""
+    """A call that passed the cheap checks (and, once planned, knows its videos' frames)."""
 
     messages: tuple[ChatMessage, ...]
     images: tuple[bytes, ...]
     plans: tuple[ImagePlan, ...]
     num_crops: int
+    videos: tuple[VideoRequest, ...] = ()
+    planned: tuple[PlannedVideo, ...] | None = None  # None until `Preparer.plan` ran
+
+    @property
+    def video_tokens(self) -> int:
+        return sum(v.tokens for v in self.planned or ())
+
+    @property
+    def largest_image_tokens(self) -> int:
+        frames = (v.frame_tokens for v in self.planned or ())
+        return max([p.tokens for p in self.plans] + list(frames), default=0)
 
     @property
     def image_tokens(self) -> int:
-        return sum(p.tokens for p in self.plans)
+        """Every position the vision tower fills: images and video frames."""
+        return sum(p.tokens for p in self.plans) + self.video_tokens
 
     @property
     def text_bytes(self) -> int:
@@ -70,17 +86,29 @@ class Prepared:
 
 class Preparer:
     def __init__(
-        self, builder: PromptBuilder, pool: PreprocessPool, store: PixelStore, max_pixels: int, context_len: int
+        self,
+        builder: PromptBuilder,
+        pool: PreprocessPool,
+        store: PixelStore,
+        max_pixels: int,
+        context_len: int,
+        video_limits: VideoLimits,
     ) -> None:
         self.builder = builder
         self.pool = pool
         self.store = store
         self.max_pixels = max_pixels
         self.context_len = context_len
+        self.video_limits = video_limits
         self.bytes_per_token = max_bytes_per_token(builder.tokenizer)
 
     def check(
-        self, messages: tuple[ChatMessage, ...], images: tuple[bytes, ...], num_crops: int, max_new_tokens: int
+        self,
+        messages: tuple[ChatMessage, ...],
+        images: tuple[bytes, ...],
+        num_crops: int,
+        max_new_tokens: int,
+        videos: tuple[VideoRequest, ...] = (),
     ) -> Checked:
         """Refuse what can never run, from sizes alone (no decode, no tokenizing)."""
         plans = []
@@ -93,49 +121,84 @@ class Preparer:
             except (ImageDecodeError, ValueError) as exc:
                 raise InvalidInput(f"images[{k}]", str(exc)) from exc
             plans.append(ImagePlan(header, num_crops, tokens, tiles, size))
-        checked = Checked(messages, images, tuple(plans), num_crops)
-        floor = min_text_tokens((m.text for m in messages), self.bytes_per_token) + checked.image_tokens
+        checked = Checked(messages, images, tuple(plans), num_crops, videos, None if videos else ())
+        self._check_context(checked, max_new_tokens)
+        return checked
+
+    def min_prompt_tokens(self, checked: Checked) -> int:
+        """A lower bound on the prompt's tokens, known before tokenizing or decoding."""
+        return min_text_tokens((m.text for m in checked.messages), self.bytes_per_token) + checked.image_tokens
+
+    def _check_context(self, checked: Checked, max_new_tokens: int) -> None:
+        floor = self.min_prompt_tokens(checked)
         detail = f"{checked.text_bytes} bytes of text, {checked.image_tokens} image tokens"
+        if checked.video_tokens:
+            detail += f" ({checked.video_tokens} of them video frames)"
         problem = context_problem(floor, max_new_tokens, self.context_len, at_least=True, detail=detail)
         if problem:
             raise InvalidInput(*problem)
+
+    async def plan(self, checked: Checked, max_new_tokens: int) -> Checked:
+        """Choose the videos' frames (in the pool: it opens the clips) and check what they cost."""
+        if checked.planned is not None:
+            return checked
+        plans = await self.pool.run(job_module.plan_in_process, (checked.videos, self.video_limits))
+        planned = tuple(PlannedVideo(v, p) for v, p in zip(checked.videos, plans, strict=True))
+        frames = sum(len(p.plan.frames) for p in planned)
+        if frames > self.video_limits.max_frames:
+            raise InvalidInput(
+                "videos",
+                f"{frames} sampled frames exceed the limit of {self.video_limits.max_frames} per request "
+                "(--max-video-frames)",
+            )
+        checked = dataclasses.replace(checked, planned=planned)
+        self._check_context(checked, max_new_tokens)
         return checked
 
-    def _job(self, checked: Checked, pixel_paths: tuple[str, ...]) -> PrepareJob:
+    def _job(self, checked: Checked, reservation: PixelReservation | None) -> PrepareJob:
+        assert checked.planned is not None, "plan() first"
         return PrepareJob(
             messages=checked.messages,
             images=checked.images,
             image_tokens=tuple(p.tokens for p in checked.plans),
             num_crops=checked.num_crops,
             max_pixels=self.max_pixels,
-            pixel_paths=pixel_paths,
+            pixel_paths=reservation.paths if reservation else (),
+            live_marker=reservation.live_marker if reservation else "",
+            videos=checked.planned,
         )
 
     def _inline(self, checked: Checked) -> bool:
-        return not checked.images and checked.text_bytes <= INLINE_TEXT_BYTES
+        return not checked.images and not checked.videos and checked.text_bytes <= INLINE_TEXT_BYTES
 
     async def count(self, checked: Checked) -> PreparedPrompt:
-        """Token ids only (CountTokens): images are counted from their headers, never decoded."""
-        job = self._job(checked, ())
+        """Token ids only (CountTokens): images are counted from their headers, videos from their plans;
+        nothing is decoded."""
+        job = self._job(checked, None)
         if checked.text_bytes <= INLINE_TEXT_BYTES:
             return prepare(job, self.builder)
-        return await self.pool.run(job, on_abandon=lambda: None)
+        return await self.pool.run(job_module.run_in_process, job)
 
     async def prepare(self, checked: Checked) -> Prepared:
         """Token ids and images ready for a worker. On failure or cancellation nothing stays held."""
         if self._inline(checked):
-            return Prepared(prepare(self._job(checked, ()), self.builder), None)
+            return Prepared(prepare(self._job(checked, None), self.builder), None)
         reservation = None
-        if checked.images:
-            reservation = self.store.reserve([p.tiles for p in checked.plans])
+        tiles = [p.tiles for p in checked.plans]
+        tiles += [v.frame_tiles for v in checked.planned or () for _ in v.plan.frames]
+        if tiles:
+            reservation = self.store.reserve(tiles)
         owned = reservation
         try:
             prompt = await self.pool.run(
-                self._job(checked, reservation.paths if reservation else ()),
+                job_module.run_in_process,
+                self._job(checked, reservation),
                 on_abandon=lambda: self.release(owned),
             )
         except asyncio.CancelledError:
-            raise  # the pool releases the pixels once the job is over
+            if owned is not None:  # the job stops at its next frame; the pool then releases the pixels
+                self.store.abandon(owned)
+            raise
         except BaseException:
             self.release(owned)
             raise

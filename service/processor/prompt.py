@@ -15,6 +15,12 @@ names the offending field):
 * images appear in the prompt in request order (image 1 first). The model writes image features into the
   negative-id positions in sequence order and takes the images in request order (README 2.3, step 6), so
   any other order would give an image the wrong features.
+
+Videos (ours; the original has none) attach like images (``video_indices``, ``<|video_N|>``, unnamed ones
+at the start of the turn after the unnamed images) and follow the same rules among themselves. Before
+tokenizing, each video tag becomes its sampled frames' image tags joined by newlines (see
+:func:`expand_videos`), and every image slot is numbered in order of appearance, so a video's frames get
+exactly the prompt the same frames sent as images would get.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 ROLES = ("system", "user", "assistant")
+KINDS = ("image", "video")
 # The exact pattern Phi3VProcessor splits on: whatever it would treat as an image tag, we validate.
 _PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
+# Ours: `<|video_N|>` expands to its frames' image tags before the text is split like the original's.
+_ANY_PLACEHOLDER = re.compile(r"<\|(image|video)_(\d+)\|>")
 _END_OF_TURN = "<|end|>"
 
 
@@ -39,6 +48,27 @@ class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     text: str
     image_indices: tuple[int, ...] = ()  # 0-based indices into the request's image list (user turns only)
+    video_indices: tuple[int, ...] = ()  # 0-based indices into the request's video list (user turns only)
+
+    def attached(self, kind: str) -> tuple[int, ...]:
+        return self.image_indices if kind == "image" else self.video_indices
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """A video as the prompt sees it: its sampled frames' image-token counts and times."""
+
+    frame_tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+    timestamps: bool = False  # "<seconds>s: " before each frame's tag
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Prompt ids, and which request image or video frame each image slot (-(s + 1) ids) holds."""
+
+    ids: list[int]
+    slots: list[tuple[str, int, int]]  # (kind, index, frame): ("image", k, 0) or ("video", v, f)
 
 
 class PromptError(ValueError):
@@ -50,8 +80,8 @@ class PromptError(ValueError):
         self.message = message
 
 
-def _placeholder(index: int) -> str:
-    return f"<|image_{index + 1}|>"
+def _placeholder(index: int, kind: str = "image") -> str:
+    return f"<|{kind}_{index + 1}|>"
 
 
 def _check_structure(messages: Sequence[ChatMessage]) -> None:
@@ -80,66 +110,95 @@ def _check_structure(messages: Sequence[ChatMessage]) -> None:
         raise PromptError(last, "the last message must be a user message (the prompt asks for a reply)")
 
 
-def _attach_images(messages: Sequence[ChatMessage], num_images: int) -> None:
-    """Each image index in range, on a user turn, attached once; every image attached somewhere."""
+def _attach(messages: Sequence[ChatMessage], kind: str, count: int) -> None:
+    """Each image (or video) index in range, on a user turn, attached once; every one attached somewhere."""
     owner: dict[int, int] = {}
     for i, msg in enumerate(messages):
-        field = f"messages[{i}].image_indices"
-        if msg.image_indices and msg.role != "user":
-            raise PromptError(field, f"images can only be attached to user messages, not {msg.role}")
-        for k in msg.image_indices:
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_images:
-                raise PromptError(field, f"image index {k!r} is out of range: the request has {num_images} image(s)")
+        field = f"messages[{i}].{kind}_indices"
+        if msg.attached(kind) and msg.role != "user":
+            raise PromptError(field, f"{kind}s can only be attached to user messages, not {msg.role}")
+        for k in msg.attached(kind):
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < count:
+                raise PromptError(field, f"{kind} index {k!r} is out of range: the request has {count} {kind}(s)")
             if k in owner:
                 where = "this message" if owner[k] == i else f"messages[{owner[k]}]"
-                raise PromptError(field, f"image {k} is attached more than once (also to {where})")
+                raise PromptError(field, f"{kind} {k} is attached more than once (also to {where})")
             owner[k] = i
-    for k in range(num_images):
+    for k in range(count):
         if k not in owner:
             raise PromptError(
-                f"images[{k}]", f"image {k} is not attached to any message; every image of the request must be used"
+                f"{kind}s[{k}]", f"{kind} {k} is not attached to any message; every {kind} of the request must be used"
             )
 
 
-def _turn_text(msg: ChatMessage, i: int, num_images: int) -> tuple[str, list[tuple[int, str]]]:
-    """The turn's final text and its image references in text order, each with the field that placed it."""
+def _turn_text(msg: ChatMessage, i: int, counts: dict[str, int]) -> tuple[str, list[tuple[str, int, str]]]:
+    """The turn's final text and its image/video references in text order, each with the field that placed it."""
     field = f"messages[{i}].text"
-    named: list[int] = []
-    for match in _PLACEHOLDER.finditer(msg.text):
-        tag, k = match.group(0), int(match.group(1)) - 1
+    named: list[tuple[str, int]] = []
+    for match in _ANY_PLACEHOLDER.finditer(msg.text):
+        tag, kind, k = match.group(0), match.group(1), int(match.group(2)) - 1
         if msg.role != "user":
-            raise PromptError(field, f"{tag}: image placeholders are only allowed in user messages")
-        if not 0 <= k < num_images:
-            raise PromptError(field, f"{tag} refers to a missing image: the request has {num_images} image(s)")
-        if k not in msg.image_indices:
-            raise PromptError(field, f"{tag} refers to image {k}, which is not attached to this message")
-        if k in named:
+            raise PromptError(field, f"{tag}: {kind} placeholders are only allowed in user messages")
+        if not 0 <= k < counts[kind]:
+            raise PromptError(field, f"{tag} refers to a missing {kind}: the request has {counts[kind]} {kind}(s)")
+        if k not in msg.attached(kind):
+            raise PromptError(field, f"{tag} refers to {kind} {k}, which is not attached to this message")
+        if (kind, k) in named:
             raise PromptError(field, f"{tag} appears more than once")
-        named.append(k)
-    unnamed = [k for k in msg.image_indices if k not in named]
-    prefix = "".join(f"{_placeholder(k)}\n" for k in unnamed)
-    refs = [(k, f"messages[{i}].image_indices") for k in unnamed] + [(k, field) for k in named]
+        named.append((kind, k))
+    unnamed = [(kind, k) for kind in KINDS for k in msg.attached(kind) if (kind, k) not in named]
+    prefix = "".join(f"{_placeholder(k, kind)}\n" for kind, k in unnamed)
+    refs = [(kind, k, f"messages[{i}].{kind}_indices") for kind, k in unnamed]
+    refs += [(kind, k, field) for kind, k in named]
     return prefix + msg.text, refs
 
 
-def validated_turns(messages: Sequence[ChatMessage], num_images: int) -> list[dict[str, str]]:
-    """Validate the conversation; return chat-template messages with every image placeholder in place."""
+def validated_turns(messages: Sequence[ChatMessage], num_images: int, num_videos: int = 0) -> list[dict[str, str]]:
+    """Validate the conversation; return chat-template messages with every placeholder in place."""
     _check_structure(messages)
-    _attach_images(messages, num_images)
+    counts = {"image": num_images, "video": num_videos}
+    for kind in KINDS:
+        _attach(messages, kind, counts[kind])
     turns: list[dict[str, str]] = []
-    order: list[tuple[int, str]] = []
+    order: list[tuple[str, int, str]] = []
     for i, msg in enumerate(messages):
-        text, refs = _turn_text(msg, i, num_images)
+        text, refs = _turn_text(msg, i, counts)
         turns.append({"role": msg.role, "content": text})
         order.extend(refs)
-    for position, (k, field) in enumerate(order):
-        if k != position:
-            raise PromptError(
-                field,
-                f"{_placeholder(k)} comes before {_placeholder(position)}: images must appear in the conversation"
-                " in request order",
-            )
+    for kind in KINDS:
+        seen = [(k, field) for ref_kind, k, field in order if ref_kind == kind]
+        for position, (k, field) in enumerate(seen):
+            if k != position:
+                raise PromptError(
+                    field,
+                    f"{_placeholder(k, kind)} comes before {_placeholder(position, kind)}: {kind}s must appear in the "
+                    f"conversation in request order",
+                )
     return turns
+
+
+def expand_videos(text: str, videos: Sequence[VideoFrames]) -> tuple[str, list[tuple[str, int, int]]]:
+    """Number every image tag and video frame in order of appearance: the text with image tags only,
+    and what each slot holds. A video becomes its frames' tags joined by newlines, each frame preceded
+    by "<seconds>s: " when asked (e.g. "0.50s: <|image_1|>\n1.50s: <|image_2|>")."""
+    slots: list[tuple[str, int, int]] = []
+
+    def tag() -> str:
+        return f"<|image_{len(slots)}|>"
+
+    def replace(match: re.Match[str]) -> str:
+        kind, k = match.group(1), int(match.group(2)) - 1
+        if kind == "image":
+            slots.append(("image", k, 0))
+            return tag()
+        video = videos[k]
+        parts = []
+        for f, seconds in enumerate(video.seconds):
+            slots.append(("video", k, f))
+            parts.append((f"{seconds:.2f}s: " if video.timestamps else "") + tag())
+        return "\n".join(parts)
+
+    return _ANY_PLACEHOLDER.sub(replace, text), slots
 
 
 class PromptBuilder:
@@ -186,22 +245,29 @@ class PromptBuilder:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self._eos_token_ids
 
-    def render(self, messages: Sequence[ChatMessage], num_images: int | None = None) -> str:
-        """Templated prompt text with ``<|image_N|>`` placeholders, ending with the assistant tag.
-
-        ``num_images`` is the request's image count; by default, one more than the largest attached index.
-        """
+    def render(self, messages: Sequence[ChatMessage], num_images: int | None = None, num_videos: int = 0) -> str:
+        """Templated prompt text with ``<|image_N|>`` and ``<|video_N|>`` placeholders, ending with the
+        assistant tag. ``num_images`` is the request's image count; by default, one more than the largest
+        attached index."""
         if num_images is None:
             num_images = 1 + max((k for m in messages for k in m.image_indices if isinstance(k, int)), default=-1)
-        turns = validated_turns(messages, num_images)
+        turns = validated_turns(messages, num_images, num_videos)
         return self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
     def encode(self, messages: Sequence[ChatMessage], image_token_counts: Sequence[int]) -> list[int]:
         """Prompt ids; image k appears as ``image_token_counts[k]`` copies of ``-(k + 1)``."""
+        return self.encode_prompt(messages, image_token_counts).ids
+
+    def encode_prompt(
+        self, messages: Sequence[ChatMessage], image_token_counts: Sequence[int], videos: Sequence[VideoFrames] = ()
+    ) -> EncodedPrompt:
+        """Prompt ids with every image and video frame in its slot: slot s (in order of appearance)
+        appears as its token count of ``-(s + 1)``. Without videos slot k is image k."""
         for k, count in enumerate(image_token_counts):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"image_token_counts[{k}] must be a positive int, got {count!r}")
-        text = self.render(messages, len(image_token_counts))
+        text, slots = expand_videos(self.render(messages, len(image_token_counts), len(videos)), videos)
+        counts = [image_token_counts[k] if kind == "image" else videos[k].frame_tokens[f] for kind, k, f in slots]
         # As Phi3VProcessor: split at every image tag and tokenize each text chunk on its own, each with a
         # BOS, so a <s> also follows every image run. The BOS is added here rather than by the tokenizer's
         # post-processor: transformers 5 reports add_bos_token=False for this tokenizer_config (which says
@@ -214,5 +280,5 @@ class PromptBuilder:
                 ids.extend(self._tokenizer.encode(part, add_special_tokens=False))
             else:
                 n = int(part)
-                ids.extend([-n] * image_token_counts[n - 1])
-        return ids
+                ids.extend([-n] * counts[n - 1])
+        return EncodedPrompt(ids, slots)
