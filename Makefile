@@ -81,6 +81,10 @@ bench-video: setup
 bench-structured: setup
 	$(PY) bench/structured.py $(BENCH_ARGS)
 
+# Constrained streams (response formats) next to unconstrained ones; grammar compile times.
+bench-structured: setup
+	$(PY) bench/structured.py $(BENCH_ARGS)
+
 # Mixed clients for SOAK_MINUTES (default 30); RSS of every server process over time and its slope.
 SOAK_MINUTES ?= 30
 soak: setup

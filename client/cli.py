@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
     chat.add_argument("--logprobs", type=_non_negative_int, default=None, metavar="N", help="top-N logprobs per token")
+    formats = chat.add_mutually_exclusive_group()
+    formats.add_argument("--json-schema", metavar="FILE", help="constrain the reply to JSON valid against this schema")
+    formats.add_argument("--json-object", action="store_true", help="constrain the reply to a JSON object")
+    formats.add_argument("--regex", metavar="RE", help="constrain the reply to a full match of this regex")
+    formats.add_argument("--choice", metavar="A,B,...", help="constrain the reply to one of these strings")
+    formats.add_argument("--lark", metavar="FILE", help="constrain the reply to this Lark grammar's language")
     chat.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     chat.add_argument("--generate", action="store_true", help="use the Generate RPC (inline images) instead of Chat")
     chat.add_argument(
@@ -153,8 +160,23 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "stop_token_ids": args.stop_token_id,
         "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
+        "response_format": _response_format(args),
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.json_schema:
+        return {"json_schema": Path(args.json_schema).read_text(encoding="utf-8")}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice.split(",")}
+    if args.lark:
+        return {"lark_grammar": Path(args.lark).read_text(encoding="utf-8")}
+    return None
 
 
 def usage_line(result: ChatResult) -> str:

@@ -6,6 +6,7 @@ conversation or a set of keyword arguments turns into is defined once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -198,8 +199,10 @@ def sampling_params(
     stop_token_ids: Iterable[int] | None = None,
     ignore_eos: bool | None = None,
     logprobs: int | None = None,
+    response_format: ResponseFormatLike | None = None,
 ) -> pb.SamplingParams:
-    """None leaves a field unset, i.e. the server default (0 means "default/disabled" in the proto)."""
+    """None leaves a field unset, i.e. the server default (0 means "default/disabled" in the proto).
+    `response_format`: see `response_format_message`."""
     params = pb.SamplingParams()
     if max_new_tokens is not None:
         params.max_new_tokens = max_new_tokens
@@ -222,7 +225,37 @@ def sampling_params(
         params.ignore_eos = ignore_eos
     if logprobs is not None:
         params.logprobs = logprobs
+    if response_format is not None:
+        params.response_format.CopyFrom(response_format_message(response_format))
     return params
+
+
+# {"json_schema": dict or JSON text} | {"json_object": True} | {"regex": str} | {"choice": [str, ...]}
+# | {"lark_grammar": str}, or the proto message itself.
+ResponseFormatLike = Mapping[str, Any] | pb.ResponseFormat
+
+
+def response_format_message(fmt: ResponseFormatLike) -> pb.ResponseFormat:
+    """The proto of a response format given as a one-key mapping (or the message itself)."""
+    if isinstance(fmt, pb.ResponseFormat):
+        return fmt
+    if not isinstance(fmt, Mapping) or len(fmt) != 1:
+        raise TypeError(f"response_format must be a one-key mapping or visionchat.v1.ResponseFormat, not {fmt!r}")
+    ((kind, value),) = fmt.items()
+    if kind == "json_schema":
+        return pb.ResponseFormat(json_schema=value if isinstance(value, str) else json.dumps(value))
+    if kind == "json_object":
+        return pb.ResponseFormat(json_object=pb.JsonObject())
+    if kind == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice takes a list of strings, not one string")
+        return pb.ResponseFormat(choice=pb.Choice(options=list(value)))
+    if kind == "regex":
+        return pb.ResponseFormat(regex=str(value))
+    if kind == "lark_grammar":
+        return pb.ResponseFormat(lark_grammar=str(value))
+    kinds = "json_schema, json_object, regex, choice or lark_grammar"
+    raise ValueError(f"unknown response_format kind {kind!r}; expected {kinds}")
 
 
 def image_options(num_crops: int | None = None) -> pb.ImageOptions:

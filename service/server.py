@@ -231,7 +231,15 @@ class VisionChatServer:
             max_decoded_frames=config.max_video_decoded_frames,
             default_frames=config.default_video_frames,
         )
-        preparer = Preparer(self.builder, pool, store, config.max_image_pixels, self.context_len, video_limits)
+        preparer = Preparer(
+            self.builder,
+            pool,
+            store,
+            config.max_image_pixels,
+            self.context_len,
+            video_limits,
+            self.model_config.vocab_size,
+        )
         self.metrics.attach(self.router, self.state, pool, store)
         servicer = VisionChatServiceServicer(
             config,

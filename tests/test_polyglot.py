@@ -269,7 +269,7 @@ def test_buf_breaking_clean_against_committed_contract(tmp_path: Path) -> None:
 
 SCRATCH_CHANGES = {
     # name: (old text, new text, rule buf must report; None = an additive change that must pass)
-    "renumber_field": ("uint32 max_new_tokens = 1;", "uint32 max_new_tokens = 11;", "FIELD_NO_DELETE"),
+    "renumber_field": ("uint32 max_new_tokens = 1;", "uint32 max_new_tokens = 12;", "FIELD_NO_DELETE"),
     "change_field_type": ("float temperature = 2;", "double temperature = 2;", "FIELD_SAME_TYPE"),
     "remove_field": ("  bool ignore_eos = 9;\n", "", "FIELD_NO_DELETE"),
     "rename_field": ("uint32 completion_tokens = 3;", "uint32 output_tokens = 3;", "FIELD_SAME_NAME"),
@@ -277,7 +277,7 @@ SCRATCH_CHANGES = {
         "returns (stream GenerateResponse);\n  // Token", "returns (GenerateResponse);\n  // Token", "RPC_SAME_SERVER_STREAMING"
     ),
     "rename_enum_value": ("FINISH_REASON_EOS = 1;", "FINISH_REASON_END = 1;", "ENUM_VALUE_SAME_NAME"),
-    "add_field": ("  uint32 logprobs = 10;\n", "  uint32 logprobs = 10;\n  bool echo = 11;\n", None),
+    "add_field": ("  uint32 logprobs = 10;\n", "  uint32 logprobs = 10;\n  bool echo = 12;\n", None),
 }
 
 

@@ -32,7 +32,7 @@ const EXIT_INVALID = 2;
 const EXIT_INTERRUPTED = 130;
 
 const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--video PATH]... [--frames N]
-                    [--system TEXT] [--num-crops N]
+                    [--json-schema FILE | --regex RE | --choice A,B,...] [--system TEXT] [--num-crops N]
                     [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed N]
                     [--ignore-eos] [--chunk-size BYTES] [--timeout S] [--request-id ID] [--json] PROMPT
 
@@ -40,6 +40,7 @@ const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--vid
   --image PATH        image file; repeat for several (attached to the prompt in order)
   --video PATH        video clip; repeat for several (the server samples its frames)
   --frames N          frames sampled per video (default: the server's --default-video-frames)
+  --json-schema FILE  constrain the reply to JSON valid against this schema (also --regex RE, --choice A,B)
   --json              print one JSON object {text, token_ids, finish_reason, usage, ...} at the end
   PROMPT              the user prompt; "-" reads it from stdin`;
 
@@ -72,6 +73,9 @@ function parse(argv) {
       image: { type: "string", multiple: true, default: [] },
       video: { type: "string", multiple: true, default: [] },
       frames: { type: "string" },
+      "json-schema": { type: "string" },
+      regex: { type: "string" },
+      choice: { type: "string" },
       system: { type: "string" },
       "num-crops": { type: "string" },
       "max-new-tokens": { type: "string" },
@@ -96,6 +100,7 @@ function parse(argv) {
     top_k: intFlag("top-k", values["top-k"], false),
     seed: intFlag("seed", values.seed, false),
     ignore_eos: values["ignore-eos"],
+    response_format: responseFormat(values),
   };
   return {
     server: String(values.server),
@@ -111,6 +116,19 @@ function parse(argv) {
     json: Boolean(values.json),
     prompt: positionals[0] === "-" ? fs.readFileSync(0, "utf8") : positionals[0],
   };
+}
+
+/**
+ * sampling.response_format from --json-schema FILE, --regex RE or --choice A,B,C (at most one).
+ * @param {{"json-schema"?: string, regex?: string, choice?: string}} values
+ */
+function responseFormat(values) {
+  const given = ["json-schema", "regex", "choice"].filter((k) => values[/** @type {"regex"} */ (k)] !== undefined);
+  if (given.length > 1) throw new UsageError(`give at most one of --${given.join(", --")}`);
+  if (values["json-schema"] !== undefined) return { json_schema: fs.readFileSync(values["json-schema"], "utf8") };
+  if (values.regex !== undefined) return { regex: values.regex };
+  if (values.choice !== undefined) return { choice: { options: values.choice.split(",") } };
+  return undefined;
 }
 
 /** The generated-at-run-time client class of visionchat.v1.VisionChatService. */

@@ -20,6 +20,7 @@ from ..preprocess.videos import VideoRequest
 from ..processor.image import MAX_NUM_CROPS
 from ..processor.prompt import ChatMessage
 from ..processor.video import VideoOptions
+from ..structured import ResponseFormat
 from .errors import ApiError, invalid_argument
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
@@ -203,7 +204,12 @@ def validate_sampling(s: pb.SamplingParams, config: ServerConfig, vocab_size: in
 
 
 def sampling_options(
-    s: pb.SamplingParams, prompt_len: int, config: ServerConfig, context_len: int, eos_token_ids: tuple[int, ...]
+    s: pb.SamplingParams,
+    prompt_len: int,
+    config: ServerConfig,
+    context_len: int,
+    eos_token_ids: tuple[int, ...],
+    response_format: ResponseFormat | None = None,
 ) -> SamplingOptions:
     problem = context_problem(prompt_len, s.max_new_tokens, context_len)
     if problem:
@@ -219,4 +225,5 @@ def sampling_options(
         stop_token_ids=frozenset(int(t) for t in s.stop_token_ids),
         eos_token_ids=frozenset() if s.ignore_eos else frozenset(eos_token_ids),
         logprobs=int(s.logprobs),
+        response_format=response_format,
     )

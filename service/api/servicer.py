@@ -51,6 +51,7 @@ from .inputs import (
     validate_sampling,
     video_options,
 )
+from .response_format import response_format
 
 log = logging.getLogger("visionchat.requests")
 T = TypeVar("T")
@@ -67,6 +68,7 @@ FINISH = {
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+    FinishReason.GRAMMAR_COMPLETE: pb.FINISH_REASON_GRAMMAR_COMPLETE,
 }
 # Which request field a worker's refusal is about.
 REFUSAL_FIELD = {
@@ -75,6 +77,7 @@ REFUSAL_FIELD = {
     "kv_cache_memory": "sampling.max_new_tokens",
     "kv_cache_memory_prompt": "messages",
     "max_image_embed_tokens": "images",
+    "response_format": "sampling.response_format",
 }
 
 
@@ -350,7 +353,12 @@ class VisionChatServiceServicer:
         validate_sampling(call.sampling, self.config, self.model_config.vocab_size)
         check_request_id(call.request_id)
         return self.preparer.check(
-            call.messages, call.images, num_crops_for(call), call.sampling.max_new_tokens, call.videos
+            call.messages,
+            call.images,
+            num_crops_for(call),
+            call.sampling.max_new_tokens,
+            call.videos,
+            response_format(call.sampling),
         )
 
     async def _run(
@@ -368,6 +376,7 @@ class VisionChatServiceServicer:
                 )
             except RequestRefused as exc:
                 raise invalid_argument(REFUSAL_FIELD.get(exc.limit, exc.limit), str(exc)) from exc
+            await self.preparer.check_format(checked.response_format)
             prepared = await self.preparer.prepare(checked)
             try:
                 prompt = prepared.prompt
@@ -375,7 +384,12 @@ class VisionChatServiceServicer:
                 for video, seconds in zip(checked.planned or (), prompt.video_decode_seconds, strict=False):
                     self.metrics.video_decoded(seconds, len(video.plan.frames), video.plan.frames_to_decode)
                 options = sampling_options(
-                    call.sampling, prompt.num_prompt_tokens, self.config, self.context_len, self.eos_token_ids
+                    call.sampling,
+                    prompt.num_prompt_tokens,
+                    self.config,
+                    self.context_len,
+                    self.eos_token_ids,
+                    checked.response_format,
                 )
                 request_id = call.request_id or uuid.uuid4().hex
                 engine_id = f"{request_id}#{uuid.uuid4().hex[:8]}"  # unique even if a client reuses its id

@@ -12,6 +12,7 @@ from ..context_limit import context_problem
 from ..model import Phi3VForCausalLM
 from ..model.attention import AttentionBackend
 from ..platform.base import Platform
+from ..structured import Grammars
 from .block_pool import BlockPool
 from .encoder_cache import EncoderCache, EncoderCacheStats
 from .errors import RequestFailed, RequestRefused
@@ -99,9 +100,15 @@ class StepResult:
 
 class Engine:
     def __init__(
-        self, model: Phi3VForCausalLM, config: EngineConfig, backend: AttentionBackend, platform: Platform | None = None
+        self,
+        model: Phi3VForCausalLM,
+        config: EngineConfig,
+        backend: AttentionBackend,
+        platform: Platform | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.model = model
+        self.grammars = grammars  # response formats (structured outputs); None: refused
         self.config = config
         # What differs per device kind: how step inputs reach the device, what an out-of-memory error is.
         self.platform = platform or Platform(model.device)
@@ -166,6 +173,14 @@ class Engine:
             raise RequestRefused("request_id", f"request id {request.request_id!r} is already running")
         self.check_fits(request)
         seq = Sequence(request, self.model.config.original_max_position_embeddings)
+        fmt = request.sampling.response_format
+        if fmt is not None:
+            if self.grammars is None:
+                raise RequestRefused("response_format", "this worker serves no response formats")
+            try:
+                seq.matcher = self.grammars.matcher(fmt)
+            except ValueError as exc:
+                raise RequestRefused("response_format", f"the response format cannot be used: {exc}") from exc
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -278,6 +293,9 @@ class Engine:
 
     def _record(self, seq: Sequence, token: TokenOutput) -> RequestOutput:
         seq.token_ids.append(token.token_id)
+        violation = ""
+        if seq.matcher is not None and not seq.matcher.consume_token(token.token_id):
+            violation = seq.matcher.get_error() or "a token outside the response format"  # never with the mask
         out = RequestOutput(
             seq.request_id,
             tokens=[token],
@@ -288,6 +306,10 @@ class Engine:
             out.queue_seconds = max(0.0, seq.first_scheduled_time - seq.request.arrival_time)
             seq.queue_reported = True
         reason = self._stop_reason(seq, token.token_id)
+        if violation:
+            reason, out.error = FinishReason.ERROR, f"response format violated: {violation}"
+        elif reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            reason = FinishReason.GRAMMAR_COMPLETE
         if reason is not None:
             out.finish_reason = reason
             self.sequences.pop(seq.request_id, None)

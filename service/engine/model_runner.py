@@ -218,7 +218,7 @@ class ModelRunner:
         sampling = [c.seq for c in ordered if c.completes_known_tokens]
         out.forward_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        rows = [SamplingRow(s.request.sampling, s.token_ids, s.generator) for s in sampling]
+        rows = [SamplingRow(s.request.sampling, s.token_ids, s.generator, s.matcher) for s in sampling]
         out.sampled = list(zip(sampling, sample(logits, rows), strict=True))
         out.sample_seconds = time.perf_counter() - start
         return out

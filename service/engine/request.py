@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ..structured import ResponseFormat
 from .pixels import PixelSource
 
 
@@ -16,6 +17,7 @@ class FinishReason(StrEnum):
     STOP_STRING = "stop_string"  # decided by the frontend, which sees text
     CANCELLED = "cancelled"
     ERROR = "error"
+    GRAMMAR_COMPLETE = "grammar_complete"  # the response format's language admits nothing more
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class SamplingOptions:
     stop_token_ids: frozenset[int] = frozenset()
     eos_token_ids: frozenset[int] = frozenset()
     logprobs: int = 0
+    response_format: ResponseFormat | None = None  # constrains every sampled token
 
     @property
     def greedy(self) -> bool:

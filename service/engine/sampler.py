@@ -1,18 +1,22 @@
 """Next-token selection for a whole step in one pass.
 
-Greedy rows take an argmax of the raw logits (so greedy output equals the original model's). Sampled
-rows apply repetition penalty, temperature, top-k and top-p as batched tensor ops; only the final
-draw is per row, because each seeded request owns its generator and must give the same tokens
-whatever else shares the batch.
+Rows with a response format first have every token their grammar forbids masked to -inf (so their
+greedy choice, draw and logprobs all see the constrained distribution); other rows are untouched.
+Greedy rows take an argmax of the logits (so unconstrained greedy output equals the original
+model's). Sampled rows apply repetition penalty, temperature, top-k and top-p as batched tensor ops;
+only the final draw is per row, because each seeded request owns its generator and must give the
+same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..structured import mask_logits
 from .request import SamplingOptions, TokenOutput
 
 
@@ -21,6 +25,7 @@ class SamplingRow:
     options: SamplingOptions
     seen_token_ids: list[int]  # prompt and output ids, for the repetition penalty
     generator: torch.Generator | None
+    matcher: Any = None  # the response format's matcher, or None
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
@@ -68,6 +73,9 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
     """logits: (S, vocab) float32, one row per sequence that samples this step."""
     if not rows:
         return []
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+    if constrained:
+        mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
     if _greedy_only(rows):
         # The common case needs nothing but the argmax; only token ids leave the device.
         return [TokenOutput(t) for t in argmax(logits)]
@@ -97,13 +105,16 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
     outputs = [TokenOutput(t) for t in token_ids]
     want_logprobs = [i for i, r in enumerate(rows) if r.options.logprobs > 0]
     if want_logprobs:
-        # Log-probabilities of the model's own distribution, before any sampling transform.
+        # Log-probabilities of the model's distribution (after a response format's mask), before any
+        # sampling transform.
         logprobs = logits[want_logprobs].log_softmax(dim=-1)
         for j, i in enumerate(want_logprobs):
             top = logprobs[j].topk(rows[i].options.logprobs)
+            pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
             outputs[i] = TokenOutput(
                 token_ids[i],
                 logprob=float(logprobs[j, token_ids[i]]),
-                top_logprobs=tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+                # Tokens a response format forbids (-inf) are not alternatives.
+                top_logprobs=tuple((t, v) for t, v in pairs if v != float("-inf")),
             )
     return outputs

@@ -12,6 +12,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -95,6 +96,9 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.queue_reported = False
         self.num_preemptions = 0
+        # The response format's matcher (llguidance), advanced by every token the sequence keeps. A
+        # preemption recomputes KV, never tokens, so the matcher's state stays that of the output.
+        self.matcher: Any = None
         self.generator: torch.Generator | None = None
         if request.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(request.sampling.seed)

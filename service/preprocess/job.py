@@ -17,6 +17,7 @@ from ..errors import InvalidInput, Overloaded
 from ..processor.image import ImageDecodeError
 from ..processor.prompt import ChatMessage, EncodedPrompt, PromptBuilder, PromptError
 from ..processor.video import VideoLimits, VideoPlan
+from ..structured import Grammars, ResponseFormat
 from .images import image_input
 from .videos import PlannedVideo, VideoRequest, decode_video, plan_videos
 
@@ -126,6 +127,20 @@ def run_in_process(job: PrepareJob) -> PreparedPrompt:
 
 def plan_in_process(job: tuple[tuple[VideoRequest, ...], VideoLimits]) -> tuple[VideoPlan, ...]:
     return plan_videos(*job)
+
+
+# Built on the first response format this process checks (llguidance reads the tokenizer once).
+_grammars: Grammars | None = None
+
+
+def format_problem_in_process(job: tuple[ResponseFormat, int]) -> str:
+    """Why llguidance cannot use this response format ("" when it can), for a vocabulary of this size."""
+    global _grammars
+    fmt, vocab_size = job
+    assert _builder is not None, "init_process did not run"
+    if _grammars is None or _grammars.vocab_size != vocab_size:
+        _grammars = Grammars(_builder.tokenizer, vocab_size, _builder.eos_token_ids)
+    return _grammars.problem(fmt)
 
 
 def ping() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..context_limit import context_problem
@@ -24,6 +25,7 @@ from ..processor.image import (
 )
 from ..processor.prompt import ChatMessage, PromptBuilder
 from ..processor.video import VideoLimits
+from ..structured import ResponseFormat
 from . import job as job_module
 from .job import PreparedPrompt, PrepareJob, prepare
 from .limits import max_bytes_per_token, min_text_tokens
@@ -33,6 +35,7 @@ from .videos import PlannedVideo, VideoRequest
 
 # Text-only prompts up to this many bytes are tokenized on the event loop (about a millisecond).
 INLINE_TEXT_BYTES = 4096
+FORMAT_CACHE_SIZE = 1024  # response formats whose verdict the frontend remembers
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Checked:
     num_crops: int
     videos: tuple[VideoRequest, ...] = ()
     planned: tuple[PlannedVideo, ...] | None = None  # None until `Preparer.plan` ran
+    response_format: ResponseFormat | None = None
 
     @property
     def video_tokens(self) -> int:
@@ -93,6 +97,7 @@ class Preparer:
         max_pixels: int,
         context_len: int,
         video_limits: VideoLimits,
+        vocab_size: int,
     ) -> None:
         self.builder = builder
         self.pool = pool
@@ -100,6 +105,8 @@ class Preparer:
         self.max_pixels = max_pixels
         self.context_len = context_len
         self.video_limits = video_limits
+        self.vocab_size = vocab_size
+        self._format_problems: OrderedDict[ResponseFormat, str] = OrderedDict()  # "" = usable
         self.bytes_per_token = max_bytes_per_token(builder.tokenizer)
 
     def check(
@@ -109,6 +116,7 @@ class Preparer:
         num_crops: int,
         max_new_tokens: int,
         videos: tuple[VideoRequest, ...] = (),
+        response_format: ResponseFormat | None = None,
     ) -> Checked:
         """Refuse what can never run, from sizes alone (no decode, no tokenizing)."""
         plans = []
@@ -121,7 +129,7 @@ class Preparer:
             except (ImageDecodeError, ValueError) as exc:
                 raise InvalidInput(f"images[{k}]", str(exc)) from exc
             plans.append(ImagePlan(header, num_crops, tokens, tiles, size))
-        checked = Checked(messages, images, tuple(plans), num_crops, videos, None if videos else ())
+        checked = Checked(messages, images, tuple(plans), num_crops, videos, None if videos else (), response_format)
         self._check_context(checked, max_new_tokens)
         return checked
 
@@ -154,6 +162,21 @@ class Preparer:
         checked = dataclasses.replace(checked, planned=planned)
         self._check_context(checked, max_new_tokens)
         return checked
+
+    async def check_format(self, fmt: ResponseFormat | None) -> None:
+        """Refuse a response format llguidance cannot use (it reads it in the pool; verdicts are cached)."""
+        if fmt is None:
+            return
+        problem = self._format_problems.get(fmt)
+        if problem is None:
+            problem = await self.pool.run(job_module.format_problem_in_process, (fmt, self.vocab_size))
+            self._format_problems[fmt] = problem
+            if len(self._format_problems) > FORMAT_CACHE_SIZE:
+                self._format_problems.popitem(last=False)
+        else:
+            self._format_problems.move_to_end(fmt)
+        if problem:
+            raise InvalidInput(fmt.field, problem)
 
     def _job(self, checked: Checked, reservation: PixelReservation | None) -> PrepareJob:
         assert checked.planned is not None, "plan() first"

@@ -21,6 +21,8 @@ from ..logs import configure_logging
 from ..model import load_model
 from ..platform import Platform, platform_for
 from ..processor.image import decode_count
+from ..processor.prompt import PromptBuilder
+from ..structured import Grammars
 from .kv_budget import kv_budget
 from .probes import warmup_request
 from .protocol import AbortRequest, AddRequest, Rejected, Shutdown, StepReport, WorkerReady, WorkerSettings
@@ -63,7 +65,9 @@ def start_engine(settings: WorkerSettings) -> tuple[Engine, WorkerReady]:
     backend = platform.attention_backend(settings.attention_backend, settings.attention_workspace)
     kv_bytes = kv_budget(config, settings.kv_cache_fraction, model, backend, platform)
     config = dataclasses.replace(config, kv_cache_memory_bytes=kv_bytes)
-    engine = Engine(model, config, backend, platform)
+    builder = PromptBuilder(settings.model_dir)  # the tokenizer and EOS ids the frontend uses too
+    grammars = Grammars(builder.tokenizer, model.config.vocab_size, builder.eos_token_ids)
+    engine = Engine(model, config, backend, platform, grammars)
     capacity = min(config.max_model_len, engine.pool.num_blocks * config.block_size)
     platform.measured_tile_seconds(warm_up(engine, warmup_request(model.config.eos_token_id, capacity), platform))
     engine.set_vision_tiles_per_step(platform.vision_tiles_per_step(config.vision_tiles_per_step))
