@@ -9,7 +9,7 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 GEN := gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation bench-video bench-structured soak device-check lint python-checks clean
+.PHONY: setup system-deps node-deps stubs serve demo test bench bench-isolation bench-video bench-structured fuzz soak device-check lint python-checks clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY_VERSION) -m venv $(VENV)
@@ -68,6 +68,11 @@ demo: setup
 # Serving benchmark: concurrent streams side by side with one-at-a-time (see README, Performance).
 bench: setup
 	$(PY) bench/serving.py $(BENCH_ARGS)
+	$(PY) bench/tls.py
+
+# 10,000 random requests (hypothesis) against a live server; `make test` runs the same with fewer.
+fuzz: setup
+	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 # A text stream's latency alone and next to heavy callers (8 MB prompts, 40-megapixel PNG floods, photos).
 bench-isolation: setup

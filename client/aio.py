@@ -11,7 +11,7 @@ import grpc.aio
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
-from .channel import ChannelOptions, channel_options
+from .channel import ChannelOptions, channel_options, with_token
 from .requests import DEFAULT_CHUNK_SIZE, PreparedRequest, PromptOrMessages, prepare_request
 from .results import aiter_results, message_to_dict, token_count_from_proto
 from .types import ChatResult, Delta, ImageSource, TokenCount, VideoLike
@@ -33,12 +33,17 @@ class AsyncVisionChatClient:
         *,
         options: ChannelOptions = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
+        self.token = token  # sent as `authorization: Bearer <token>` with every call
         self.target = target
         self._options = channel_options(options)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.VisionChatServiceStub | None = None
+
+    def _auth(self, metadata: Metadata | None) -> Metadata | None:
+        return with_token(metadata, self.token)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -100,7 +105,7 @@ class AsyncVisionChatClient:
             request_id=request_id,
             **sampling,
         )
-        call = self.stub.Chat(prepared.chat_requests(chunk_size), timeout=timeout, metadata=metadata)
+        call = self.stub.Chat(prepared.chat_requests(chunk_size), timeout=timeout, metadata=self._auth(metadata))
         try:
             async for item in aiter_results(call, with_logprobs=prepared.wants_logprobs):
                 yield item
@@ -160,7 +165,7 @@ class AsyncVisionChatClient:
             request_id=request_id,
             **sampling,
         )
-        call = self.stub.Generate(prepared.generate_request(), timeout=timeout, metadata=metadata)
+        call = self.stub.Generate(prepared.generate_request(), timeout=timeout, metadata=self._auth(metadata))
         try:
             async for item in aiter_results(call, with_logprobs=prepared.wants_logprobs):
                 yield item
@@ -207,12 +212,16 @@ class AsyncVisionChatClient:
         metadata: Metadata | None = None,
     ) -> TokenCount:
         prepared = await _prepare(prompt_or_messages, images, system=system, videos=videos, num_crops=num_crops)
-        response = await self.stub.CountTokens(prepared.count_tokens_request(), timeout=timeout, metadata=metadata)
+        response = await self.stub.CountTokens(
+            prepared.count_tokens_request(), timeout=timeout, metadata=self._auth(metadata)
+        )
         return token_count_from_proto(response)
 
     async def model_info(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> dict[str, Any]:
         """GetModelInfoResponse as a dict with proto field names (see results.message_to_dict)."""
-        response = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=metadata)
+        response = await self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._auth(metadata)
+        )
         return message_to_dict(response)
 
 

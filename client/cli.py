@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from .channel import tls_credentials
 from .errors import describe_rpc_error
 from .requests import DEFAULT_CHUNK_SIZE
 from .results import StreamProtocolError
@@ -24,6 +25,7 @@ from .types import ChatResult, Delta, Video
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "VISIONCHAT_SERVER"
+TOKEN_ENV = "VISIONCHAT_TOKEN"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -59,6 +61,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help=f"host:port or any gRPC target, e.g. dns:///svc:50051 (default: ${SERVER_ENV} or {DEFAULT_SERVER})",
     )
     parser.add_argument("--timeout", type=_non_negative_float, default=None, metavar="S", help="deadline in seconds")
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (trusting the system CAs unless --tls-ca)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust (implies --tls)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (implies --tls)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the client certificate's private key")
+    parser.add_argument(
+        "--tls-server-name", metavar="NAME", help="name to check the server certificate against (default: the host)"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token sent as `authorization: Bearer ...` (default: ${TOKEN_ENV})",
+    )
 
 
 def _add_input(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +265,16 @@ def _run_info(client: VisionChatClient, args: argparse.Namespace, out: TextIO) -
     return EXIT_OK
 
 
+def _client(args: argparse.Namespace) -> VisionChatClient:
+    credentials = None
+    options = {}
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        if args.tls_server_name:
+            options["grpc.ssl_target_name_override"] = args.tls_server_name
+    return VisionChatClient(args.server, options=options, credentials=credentials, token=args.token)
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -262,7 +286,7 @@ def main(
     out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
     args = parse_args(argv)
     try:
-        with VisionChatClient(args.server) as client:
+        with _client(args) as client:
             if args.command == "chat":
                 return _run_chat(client, args, out, err, inp)
             if args.command == "count-tokens":

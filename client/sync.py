@@ -9,7 +9,7 @@ import grpc
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
-from .channel import ChannelOptions, channel_options
+from .channel import ChannelOptions, channel_options, with_token
 from .requests import DEFAULT_CHUNK_SIZE, PromptOrMessages, prepare_request
 from .results import iter_results, message_to_dict, token_count_from_proto
 from .types import ChatResult, Delta, ImageSource, TokenCount, VideoLike
@@ -30,7 +30,9 @@ class VisionChatClient:
         *,
         options: ChannelOptions = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
+        self.token = token  # sent as `authorization: Bearer <token>` with every call
         opts = channel_options(options)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)
@@ -40,6 +42,9 @@ class VisionChatClient:
         self.target = target
 
     # The raw channel and stub let tests send requests this API would never build.
+    def _auth(self, metadata: Metadata | None) -> Metadata | None:
+        return with_token(metadata, self.token)
+
     @property
     def channel(self) -> grpc.Channel:
         return self._channel
@@ -89,7 +94,7 @@ class VisionChatClient:
             **sampling,
         )
         requests = prepared.chat_requests(chunk_size)
-        call = self._stub.Chat(requests, timeout=timeout, metadata=metadata)
+        call = self._stub.Chat(requests, timeout=timeout, metadata=self._auth(metadata))
         return _fold_and_cancel(call, prepared.wants_logprobs)
 
     def chat(
@@ -145,7 +150,7 @@ class VisionChatClient:
             request_id=request_id,
             **sampling,
         )
-        call = self._stub.Generate(prepared.generate_request(), timeout=timeout, metadata=metadata)
+        call = self._stub.Generate(prepared.generate_request(), timeout=timeout, metadata=self._auth(metadata))
         return _fold_and_cancel(call, prepared.wants_logprobs)
 
     def generate(
@@ -188,12 +193,14 @@ class VisionChatClient:
         metadata: Metadata | None = None,
     ) -> TokenCount:
         prepared = prepare_request(prompt_or_messages, images, system=system, videos=videos, num_crops=num_crops)
-        response = self._stub.CountTokens(prepared.count_tokens_request(), timeout=timeout, metadata=metadata)
+        response = self._stub.CountTokens(
+            prepared.count_tokens_request(), timeout=timeout, metadata=self._auth(metadata)
+        )
         return token_count_from_proto(response)
 
     def model_info(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> dict[str, Any]:
         """GetModelInfoResponse as a dict with proto field names (see results.message_to_dict)."""
-        response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=metadata)
+        response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._auth(metadata))
         return message_to_dict(response)
 
 

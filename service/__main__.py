@@ -16,6 +16,11 @@ def main() -> int:
     if args.print_config_table:
         print(config_table())
         return 0
+    if args.hash_token is not None:  # a line of --auth-token-file, less its tenant
+        from .security.tokens import hash_token
+
+        print(hash_token(args.hash_token))
+        return 0
     configure_logging(config.log_format, config.log_level)
     from .server import main_async
 

@@ -21,6 +21,16 @@ def parse_memory(text: str) -> int:
     return 0 if text.strip().lower() == "auto" else parse_bytes(text)
 
 
+def parse_bool(text: str) -> bool:
+    """'true'/'false' (also 1/0, yes/no, on/off); a bare flag is true."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_bytes(text: str) -> int:
     """'512MiB', '2GiB', '1.5G', '1000000' -> bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -202,6 +212,50 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", str, "text", "text | json"),
     Option("log-level", str, "INFO", "Python logging level"),
     Option("model-cache-dir", str, "", "Where the embedded default model is generated (default: ~/.cache/visionchat)"),
+    Option(
+        "tls-cert-file",
+        str,
+        "",
+        "PEM certificate chain of the gRPC port; with --tls-key-file turns TLS on (both re-read when they change)",
+    ),
+    Option("tls-key-file", str, "", "PEM private key of --tls-cert-file"),
+    Option("tls-client-ca-file", str, "", "PEM bundle of the CAs that sign client certificates (mutual TLS)"),
+    Option(
+        "tls-client-auth", str, "none", "none | require: clients must present a certificate from --tls-client-ca-file"
+    ),
+    Option("metrics-tls", parse_bool, False, "Serve /metrics over HTTPS with the gRPC port's certificate and key"),
+    Option(
+        "health-port",
+        int,
+        0,
+        "Plaintext port on --host serving only grpc.health.v1 (kubelet probes cannot speak TLS); 0 = off",
+    ),
+    Option(
+        "auth-token-file",
+        str,
+        "",
+        "File of bearer-token hashes and their tenants (README, Security); re-read on change",
+    ),
+    Option(
+        "auth-client-cert-tenant",
+        parse_bool,
+        False,
+        "With --tls-client-auth require: a client certificate's first DNS name (else its CN) names its tenant",
+    ),
+    Option("auth-open-reflection", parse_bool, False, "Serve reflection without credentials when authentication is on"),
+    Option(
+        "max-requests-per-tenant",
+        int,
+        0,
+        "Chat/Generate requests one tenant may have in flight; past it RESOURCE_EXHAUSTED; 0 = no limit",
+    ),
+    Option(
+        "allow-special-tokens-in-text",
+        parse_bool,
+        False,
+        "Tokenize special-token strings in message text as control tokens, as the original processor does "
+        "(off: as plain text, so no caller can forge turns)",
+    ),
 )
 
 
@@ -255,6 +309,25 @@ class ServerConfig:
     log_format: str
     log_level: str
     model_cache_dir: str
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    tls_client_auth: str
+    metrics_tls: bool
+    health_port: int
+    auth_token_file: str
+    auth_client_cert_tenant: bool
+    auth_open_reflection: bool
+    max_requests_per_tenant: int
+    allow_special_tokens_in_text: bool
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.auth_token_file) or self.auth_client_cert_tenant
 
 
 assert [f.name for f in fields(ServerConfig)] == [o.dest for o in OPTIONS]
@@ -265,9 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     for opt in OPTIONS:
         env_value = os.environ.get(opt.env)
         default = opt.type(env_value) if env_value is not None else opt.default
-        parser.add_argument(f"--{opt.name}", type=opt.type, default=default, help=f"{opt.help} [env {opt.env}]")
+        help_text = f"{opt.help} [env {opt.env}]"
+        if opt.type is parse_bool:  # `--x` alone means true
+            parser.add_argument(
+                f"--{opt.name}", type=parse_bool, default=default, help=help_text, nargs="?", const=True
+            )
+        else:
+            parser.add_argument(f"--{opt.name}", type=opt.type, default=default, help=help_text)
     parser.add_argument(
         "--print-config-table", action="store_true", help="Print the README configuration table and exit"
+    )
+    parser.add_argument(
+        "--hash-token", metavar="TOKEN", help="Print TOKEN's hash as --auth-token-file wants it, and exit"
     )
     return parser
 
@@ -295,6 +377,20 @@ def validate(config: ServerConfig) -> None:
         problems.append("--kv-cache-fraction must be in (0, 1)")
     if config.workers_per_device < 1:
         problems.append("--workers-per-device must be >= 1")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        problems.append("--tls-cert-file and --tls-key-file go together")
+    if config.tls_client_auth not in ("none", "require"):
+        problems.append("--tls-client-auth must be none or require")
+    if (config.tls_client_auth == "require" or config.tls_client_ca_file) and not config.tls:
+        problems.append("--tls-client-ca-file and --tls-client-auth need --tls-cert-file and --tls-key-file")
+    if config.tls_client_auth == "require" and not config.tls_client_ca_file:
+        problems.append("--tls-client-auth require needs --tls-client-ca-file")
+    if config.auth_client_cert_tenant and config.tls_client_auth != "require":
+        problems.append("--auth-client-cert-tenant needs --tls-client-auth require")
+    if config.metrics_tls and not config.tls:
+        problems.append("--metrics-tls needs --tls-cert-file and --tls-key-file")
+    if config.max_requests_per_tenant < 0 or config.health_port < 0:
+        problems.append("--max-requests-per-tenant and --health-port must be >= 0")
     if config.max_video_frames < 1 or not 1 <= config.default_video_frames <= config.max_video_frames:
         problems.append("--max-video-frames must be >= 1 and --default-video-frames between 1 and it")
     if config.max_video_seconds <= 0 or config.max_video_pixels < 1 or config.max_video_decoded_frames < 1:

@@ -46,6 +46,7 @@ LATENCY_BUCKETS = (
     2560.0,
 )
 # Whole requests and streams: up to about two hours (vLLM's top bucket is 7680 s too).
+MAX_TENANT_LABELS = 100  # distinct tenant label values; more are counted as "other"
 REQUEST_BUCKETS = LATENCY_BUCKETS + (5120.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -216,6 +217,16 @@ class Metrics:
             "Images (video frames included) decoded and transformed by the preprocessing stage",
             registry=r,
         )
+        self.tenant_requests = Counter(
+            p + "tenant_requests",
+            "RPCs of the service by tenant and gRPC status code",
+            ["tenant", "code"],
+            registry=r,
+        )
+        self.tenant_generation_tokens = Counter(
+            p + "tenant_generation_tokens", "Tokens generated for each tenant's requests", ["tenant"], registry=r
+        )
+        self._tenants: set[str] = set()
         self.video_decode_seconds = Histogram(
             p + "video_decode_seconds",
             "Time to decode one video's sampled frames and transform them, in the preprocessing stage",
@@ -304,6 +315,19 @@ class Metrics:
         if seconds > 0:
             self.preprocess_seconds.observe(seconds)
         self.preprocess_images.inc(images)
+
+    def _tenant_label(self, tenant: str) -> str:
+        # Tenants come from the token file or client certificates: bounded in practice, and hard-capped here.
+        if tenant in self._tenants or len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+            return tenant
+        return "other"
+
+    def tenant_request(self, tenant: str, code: str) -> None:
+        self.tenant_requests.labels(self._tenant_label(tenant), code).inc()
+
+    def tenant_tokens(self, tenant: str, tokens: int) -> None:
+        self.tenant_generation_tokens.labels(self._tenant_label(tenant)).inc(tokens)
 
     def video_decoded(self, seconds: float, sampled: int, decoded: int) -> None:
         self.video_decode_seconds.observe(seconds)

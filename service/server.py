@@ -31,6 +31,9 @@ from .preprocess.preparer import Preparer
 from .processor.prompt import PromptBuilder
 from .processor.video import VideoLimits
 from .router import Router
+from .security.auth import Authenticator, AuthInterceptor
+from .security.tls import CertificateFiles
+from .security.tokens import TokenTable
 from .worker.handle import WorkerHandle
 from .worker.protocol import StepReport, WorkerReady, WorkerSettings
 
@@ -185,23 +188,56 @@ class VisionChatServer:
         self.health_tracker = HealthTracker(self.health)
         self.port = 0
         self.metrics_port = 0
+        self.health_server: grpc.aio.Server | None = None
+        # TLS and authentication files are read now: a bad one is a one-line start-up error.
+        self.tls_files = (
+            CertificateFiles(
+                config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file, config.tls_client_auth
+            )
+            if config.tls
+            else None
+        )
+        self.authenticator = (
+            Authenticator(
+                TokenTable(config.auth_token_file) if config.auth_token_file else None,
+                config.auth_client_cert_tenant,
+                config.auth_open_reflection,
+            )
+            if config.authenticates
+            else None
+        )
 
     def _listen(self) -> grpc.aio.Server:
         """Bind the gRPC and metrics ports first: a port in use is one clear line, before anything starts."""
         config = self.config
-        server = grpc.aio.server(options=grpc_options(config))
+        interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
+        server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
         address = host_port(config.host, config.port)
         in_use = ValueError(f"cannot listen on {address} (--host/--port): the address is in use or not available here")
         if port_taken(config.host, config.port):
             raise in_use  # found before grpc tries (and logs its own multi-line error)
         try:
-            self.port = server.add_insecure_port(address)
+            if self.tls_files is not None:
+                self.port = server.add_secure_port(address, self.tls_files.credentials())
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
             raise in_use from exc
+        if config.health_port:
+            self.health_server = grpc.aio.server()  # plaintext, health only: what a kubelet probe can reach
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            where = host_port(config.host, config.health_port)
+            if port_taken(config.host, config.health_port):
+                raise ValueError(f"cannot listen on {where} (--health-port): the address is in use")
+            self.health_server.add_insecure_port(where)
         if config.metrics_port >= 0:
             try:
                 httpd, _thread = start_http_server(
-                    config.metrics_port, addr=bare_host(config.host), registry=self.metrics.registry
+                    config.metrics_port,
+                    addr=bare_host(config.host),
+                    registry=self.metrics.registry,
+                    certfile=config.tls_cert_file if config.metrics_tls else None,
+                    keyfile=config.tls_key_file if config.metrics_tls else None,
                 )
             except OSError as exc:
                 where = host_port(config.host, config.metrics_port)
@@ -239,6 +275,7 @@ class VisionChatServer:
             self.context_len,
             video_limits,
             self.model_config.vocab_size,
+            config.allow_special_tokens_in_text,
         )
         self.metrics.attach(self.router, self.state, pool, store)
         servicer = VisionChatServiceServicer(
@@ -257,6 +294,8 @@ class VisionChatServer:
         enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         await self.health_tracker.set(False)
         await server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -265,10 +304,10 @@ class VisionChatServer:
 
         # Tests and operators read this line to find ports chosen with 0.
         metrics = host_port(config.host, self.metrics_port) if config.metrics_port >= 0 else "off"
-        print(
-            f"VisionChat {__version__} listening on {host_port(config.host, self.port)} metrics on {metrics}",
-            flush=True,
-        )
+        extra = f" health on {host_port(config.host, config.health_port)}" if config.health_port else ""
+        tls = " (TLS)" if config.tls else ""
+        listening = host_port(config.host, self.port)
+        print(f"VisionChat {__version__} listening on {listening} metrics on {metrics}{extra}{tls}", flush=True)
         if any(s.device == "cpu" for s in self.settings):
             set_openmp_environment()  # inherited by the worker processes about to start
         self.router.start()
@@ -281,6 +320,8 @@ class VisionChatServer:
             if failed.done():
                 log.error("a worker failed to start; see its log above")
                 await server.stop(grace=0)
+                if self.health_server is not None:
+                    await self.health_server.stop(grace=0)
                 await self.router.stop()
                 return 1
             failed.cancel()
@@ -320,6 +361,8 @@ class VisionChatServer:
         while (self.state.in_flight or self.router.streams) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=0)
         await self.router.stop()
         log.info("stopped")
 

@@ -44,6 +44,7 @@ class ServerProcess:
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
 
     host: str = "127.0.0.1"
+    health_port: int = 0  # a plaintext health-only port (--health-port), for servers whose main port is TLS
 
     @property
     def connect_host(self) -> str:
@@ -82,7 +83,8 @@ class ServerProcess:
                 self.port = int(m.group(1))
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as ch:
+        address = f"{self.connect_host}:{self.health_port}" if self.health_port else self.address
+        with grpc.insecure_channel(address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
@@ -196,3 +198,19 @@ def collect(responses: Iterable[pb.GenerateResponse]) -> tuple[list[int], str, p
             finished = r.finished
     assert finished is not None, "stream ended without a finished message"
     return ids, text, finished
+
+
+def node_chat_client() -> list[str]:
+    """The command of the Node client (client/node/chat.js); skips without node or its npm packages, and
+    fails under CI, where `make setup` must have installed them."""
+    import shutil
+
+    import pytest
+
+    node = shutil.which("node")
+    node_dir = ROOT / "client" / "node"
+    if node is None or not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("node or the npm packages of client/node are missing; `make setup` installs them")
+        pytest.skip("node or the npm packages of client/node are missing")
+    return [node, str(node_dir / "chat.js")]

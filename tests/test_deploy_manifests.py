@@ -253,6 +253,7 @@ def test_overlay_has_every_resource(overlay: str) -> None:
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "NetworkPolicy",
             "PersistentVolumeClaim",
             "PodDisruptionBudget",
             "Service",
@@ -351,7 +352,8 @@ def test_ports_and_probes_match_server(overlay: str) -> None:
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(kind)
         assert probe and "grpc" in probe, f"{kind} must be a native gRPC probe"
-        assert probe["grpc"]["port"] == config.port, f"{kind} port"
+        # With TLS on the gRPC port the kubelet probes the plaintext health-only port.
+        assert probe["grpc"]["port"] == (config.health_port if config.tls else config.port), f"{kind} port"
         assert probe["grpc"].get("service", "") in service_names, f"{kind} service"
     assert container["readinessProbe"]["grpc"].get("service") == _grpc_service_name()
 
@@ -737,3 +739,30 @@ def test_healthcheck_script_without_server() -> None:
 def test_healthcheck_default_service_is_the_probed_one() -> None:
     text = (DOCKER / "healthcheck.py").read_text()
     assert f'DEFAULT_SERVICE = "{_grpc_service_name()}"' in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_and_token_secrets_are_mounted_where_the_server_reads_them(overlay: str) -> None:
+    config = server_config(overlay)
+    assert config.tls and config.auth_token_file and config.health_port
+    container, pod = _container(overlay), _pod_spec(overlay)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, secret in ((config.tls_cert_file, "visionchat-tls"), (config.tls_key_file, "visionchat-tls"), (config.auth_token_file, "visionchat-tokens")):
+        folder = str(Path(path).parent)
+        mount = mounts[folder]  # a folder, not a subPath: rotated files appear in place
+        assert mount.get("readOnly") and "subPath" not in mount
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == config.health_port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_clients_and_prometheus_only(overlay: str) -> None:
+    policy = _one(overlay, "NetworkPolicy", "visionchat")["spec"]
+    pod_labels = _deployment(overlay)["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["podSelector"]["matchLabels"], pod_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(by_port) == {"grpc", "metrics"}  # nothing else is reachable from other pods
+    assert by_port["grpc"] == [{"namespaceSelector": {"matchLabels": {"visionchat.io/client": "true"}}}]
+    assert by_port["metrics"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]

@@ -123,25 +123,48 @@ def test_embedded_default_model_serves_a_real_request(tmp_path) -> None:  # type
 
 
 @pytest.mark.parametrize("overlay", ["cpu"])
-def test_manifest_flags_start_the_server_and_its_probes_pass(overlay: str) -> None:
+def test_manifest_flags_start_the_server_and_its_probes_pass(overlay: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Start the server with the overlay's ConfigMap/env and probe it as the kubelet would."""
+    import socket
+
+    from certs import Authority
+
+    from service.security.tokens import hash_token
+
     env = server_env(overlay)
-    # Only what cannot hold on this machine is overridden: loopback, free ports, the fixture model,
-    # a small KV pool (the CPU overlay sizes it for a real node).
-    proc = ServerProcess(["--model", str(TINY_MODEL), "--kv-cache-memory", "32MiB"], env=env).start()
+    # Only what cannot hold on this machine is overridden: loopback, free ports, the fixture model, a
+    # small KV pool (the CPU overlay sizes it for a real node), and the Secrets' files (made here).
+    ca = Authority.create(tmp_path, "ca")
+    server_cert = ca.issue("server", server=True, dns=("localhost",))
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{hash_token('probe-token')} probe-test\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        health = s.getsockname()[1]
+    args = [
+        "--model", str(TINY_MODEL), "--kv-cache-memory", "32MiB", "--health-port", str(health),
+        "--tls-cert-file", str(server_cert.cert), "--tls-key-file", str(server_cert.key), "--auth-token-file", str(tokens),
+    ]
+    assert {"VISIONCHAT_TLS_CERT_FILE", "VISIONCHAT_TLS_KEY_FILE", "VISIONCHAT_AUTH_TOKEN_FILE"} <= set(env)
+    proc = ServerProcess(args, env=env, health_port=health).start()
     try:
         container = _container(overlay)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == int(env["VISIONCHAT_PORT"]) and ports["metrics"] == int(env["VISIONCHAT_METRICS_PORT"])
+        assert ports["health"] == int(env["VISIONCHAT_HEALTH_PORT"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = container[probe]["grpc"]
-            assert spec["port"] in (ports["grpc"], "grpc")
+            assert spec["port"] in (ports["health"], "health")  # plaintext: the gRPC port speaks TLS
             assert proc.health(spec.get("service", "")) == health_pb2.HealthCheckResponse.SERVING, probe
-        # JSON logs as the ConfigMap asks, one line per finished request.
-        with grpc.insecure_channel(proc.address) as ch:
-            collect(pb_grpc.VisionChatServiceStub(ch).Generate(generate_request("hi", max_new_tokens=2), timeout=60))
+        # JSON logs as the ConfigMap asks, one line per finished request (over TLS, with a token).
+        creds = grpc.ssl_channel_credentials(ca.pem_path.read_bytes())
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        with grpc.secure_channel(proc.address, creds, options=options) as ch:
+            req = generate_request("hi", max_new_tokens=2)
+            metadata = (("authorization", "Bearer probe-token"),)
+            collect(pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=60, metadata=metadata))
         deadline = time.time() + 10
-        while not any('"event":"request_finished"' in line for line in proc.lines):
+        while not any('"event":"request_finished"' in line and "probe-test" in line for line in proc.lines):
             assert time.time() < deadline, list(proc.lines)[-5:]
             time.sleep(0.05)
         assert "visionchat_workers_alive 1.0" in proc.metrics_text()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import jsonschema
 import pytest
-from harness import TINY_MODEL, ServerProcess, collect, generate_request
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, node_chat_client
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
@@ -222,7 +222,6 @@ def test_mixed_batch_under_preemption_keeps_constraints_and_unconstrained_tokens
 
 def test_python_client_cli_and_node_client_send_formats(server: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -253,15 +252,10 @@ def test_python_client_cli_and_node_client_send_formats(server: ServerProcess, t
         assert cli.returncode == 0, cli.stderr
         check(json.loads(cli.stdout)["text"])
 
-    node = shutil.which("node")
-    node_dir = root / "client" / "node"
-    if node is None or not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("node or the npm packages of client/node are missing; `make setup` installs them")
-        pytest.skip("node or the npm packages of client/node are missing")
+    node_chat = node_chat_client()
     for flags in (["--json-schema", str(schema_file)], ["--choice", ",".join(CHOICES)]):
         proc = subprocess.run(
-            [node, str(node_dir / "chat.js"), "--server", server.address, *flags, "--temperature", "1", "--seed", "7",
+            [*node_chat, "--server", server.address, *flags, "--temperature", "1", "--seed", "7",
              "--max-new-tokens", "100", "--json", "Answer."],
             capture_output=True, text=True, timeout=120,
         )

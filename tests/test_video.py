@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from clips import frame_number, make_audio_only, make_clip, make_undecodable, png
-from harness import TINY_MODEL, ServerProcess, collect, generate_request
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, node_chat_client
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
@@ -401,7 +401,6 @@ def test_cancelled_mid_decode_frees_all_pixel_memory_at_once(server: ServerProce
 def test_python_client_cli_and_node_client_send_a_clip(server: ServerProcess, tmp_path: Path) -> None:
     import json
     import os
-    import shutil
     import subprocess
     import sys
 
@@ -426,14 +425,9 @@ def test_python_client_cli_and_node_client_send_a_clip(server: ServerProcess, tm
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["token_ids"] == result.token_ids
 
-    node = shutil.which("node")
-    node_dir = Path(__file__).parent.parent / "client" / "node"
-    if node is None or not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("node or the npm packages of client/node are missing; `make setup` installs them")
-        pytest.skip("node or the npm packages of client/node are missing")
+    node_chat = node_chat_client()
     proc = subprocess.run(
-        [node, str(node_dir / "chat.js"), "--server", server.address, "--video", str(path), "--frames", "4",
+        [*node_chat, "--server", server.address, "--video", str(path), "--frames", "4",
          "--chunk-size", "4096", "--max-new-tokens", "6", "--ignore-eos", "--json", PROMPT],
         capture_output=True, text=True, timeout=120,
     )

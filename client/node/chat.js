@@ -33,6 +33,7 @@ const EXIT_INTERRUPTED = 130;
 
 const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--video PATH]... [--frames N]
                     [--json-schema FILE | --regex RE | --choice A,B,...] [--system TEXT] [--num-crops N]
+                    [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME] [--token T]
                     [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed N]
                     [--ignore-eos] [--chunk-size BYTES] [--timeout S] [--request-id ID] [--json] PROMPT
 
@@ -41,6 +42,8 @@ const USAGE = `usage: node chat.js [--server HOST:PORT] [--image PATH]... [--vid
   --video PATH        video clip; repeat for several (the server samples its frames)
   --frames N          frames sampled per video (default: the server's --default-video-frames)
   --json-schema FILE  constrain the reply to JSON valid against this schema (also --regex RE, --choice A,B)
+  --tls-ca FILE       connect over TLS trusting this CA (--tls-cert/--tls-key: a client certificate)
+  --token T           bearer token (default: $VISIONCHAT_TOKEN)
   --json              print one JSON object {text, token_ids, finish_reason, usage, ...} at the end
   PROMPT              the user prompt; "-" reads it from stdin`;
 
@@ -87,6 +90,11 @@ function parse(argv) {
       "chunk-size": { type: "string" },
       timeout: { type: "string" },
       "request-id": { type: "string", default: "" },
+      "tls-ca": { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
+      "tls-server-name": { type: "string" },
+      token: { type: "string", default: process.env.VISIONCHAT_TOKEN || "" },
       json: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -113,6 +121,8 @@ function parse(argv) {
     chunkSize: intFlag("chunk-size", values["chunk-size"], true) ?? DEFAULT_CHUNK_SIZE,
     timeout: floatFlag("timeout", values.timeout),
     requestId: String(values["request-id"]),
+    tls: { ca: values["tls-ca"], cert: values["tls-cert"], key: values["tls-key"], name: values["tls-server-name"] },
+    token: String(values.token),
     json: Boolean(values.json),
     prompt: positionals[0] === "-" ? fs.readFileSync(0, "utf8") : positionals[0],
   };
@@ -223,14 +233,30 @@ async function main(argv) {
   }
 
   const VisionChat = loadService();
-  const client = new VisionChat(args.server, grpc.credentials.createInsecure(), {
+  let credentials = grpc.credentials.createInsecure();
+  /** @type {Record<string, string>} */
+  const tlsOptions = {};
+  if (args.tls.ca || args.tls.cert) {
+    try {
+      const read = (/** @type {string | undefined} */ p) => (p ? fs.readFileSync(p) : null);
+      credentials = grpc.credentials.createSsl(read(args.tls.ca), read(args.tls.key), read(args.tls.cert));
+    } catch (err) {
+      process.stderr.write(`error: cannot read a TLS file: ${/** @type {Error} */ (err).message}\n`);
+      return EXIT_INVALID;
+    }
+    if (args.tls.name) tlsOptions["grpc.ssl_target_name_override"] = args.tls.name;
+  }
+  const metadata = new grpc.Metadata();
+  if (args.token) metadata.add("authorization", `Bearer ${args.token}`);
+  const client = new VisionChat(args.server, credentials, {
+    ...tlsOptions,
     "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
     "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
     // round_robin spreads calls over every address of a dns:/// name (one per pod of a headless service).
     "grpc.service_config": JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] }),
   });
   const deadline = args.timeout === undefined ? Infinity : Date.now() + args.timeout * 1000;
-  const call = client.Chat({ deadline });
+  const call = client.Chat(metadata, { deadline });
   let interrupted = false;
   const onSigint = () => {
     interrupted = true;

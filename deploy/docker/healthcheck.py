@@ -7,8 +7,9 @@ loading the model, or draining after SIGTERM), an unknown service name, no answe
 
     python healthcheck.py [--addr HOST:PORT] [--service NAME] [--timeout SECONDS]
 
-The address defaults to the server's own settings: VISIONCHAT_PORT (50051) on VISIONCHAT_HOST, with a
-wildcard bind address (0.0.0.0, ::, empty) replaced by loopback.
+The address defaults to the server's own settings: VISIONCHAT_HEALTH_PORT when set (the plaintext
+health port of a TLS server), else VISIONCHAT_PORT (50051), on VISIONCHAT_HOST, with a wildcard bind
+address (0.0.0.0, ::, empty) replaced by loopback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ DEFAULT_SERVICE = "visionchat.v1.VisionChatService"
 
 def default_address() -> str:
     host = os.environ.get("VISIONCHAT_HOST", "").strip()
-    port = os.environ.get("VISIONCHAT_PORT", "").strip() or "50051"
+    # With TLS on the gRPC port, the plaintext health-only port (VISIONCHAT_HEALTH_PORT) is the one to ask.
+    health_port = os.environ.get("VISIONCHAT_HEALTH_PORT", "").strip()
+    port = health_port if health_port not in ("", "0") else os.environ.get("VISIONCHAT_PORT", "").strip() or "50051"
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host in ("::", "[::]"):

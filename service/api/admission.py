@@ -23,6 +23,30 @@ class Slot:
             self.counter.count -= 1
 
 
+class TenantSlots:
+    """Each tenant's bound on requests in flight (--max-requests-per-tenant; 0 = none), so one tenant
+    cannot fill the queue for everyone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots: dict[str, Slots] = {}
+
+    @contextmanager
+    def take(self, tenant: str) -> Iterator[None]:
+        if not self.limit:
+            yield
+            return
+        slots = self._slots.setdefault(
+            tenant, Slots(self.limit, f"requests of tenant {tenant!r} are in flight", "--max-requests-per-tenant")
+        )
+        try:
+            with slots.take():
+                yield
+        finally:
+            if slots.count == 0:
+                self._slots.pop(tenant, None)
+
+
 class Slots:
     def __init__(self, limit: int, what: str, flag: str) -> None:
         self.limit = limit

@@ -31,7 +31,8 @@ from ..preprocess.preparer import Checked, Preparer
 from ..preprocess.videos import VideoRequest
 from ..processor.image import MAX_NUM_CROPS
 from ..router import NoWorkerAvailable, Router, WorkerLost
-from .admission import Slots
+from ..security.auth import current_tenant
+from .admission import Slots, TenantSlots
 from .detokenizer import IncrementalDetokenizer
 from .errors import ApiError, deadline_exceeded, from_request_error, invalid_argument, unavailable
 from .handlers import SERVICE, Malformed
@@ -93,6 +94,7 @@ class ServingState:
             config.max_queued_requests, "requests are waiting for a first token", "--max-queued-requests"
         )
         self.uploads = Slots(config.max_concurrent_uploads, "Chat uploads are in progress", "--max-concurrent-uploads")
+        self.tenants = TenantSlots(config.max_requests_per_tenant)
 
 
 @dataclass
@@ -155,6 +157,7 @@ class VisionChatServiceServicer:
             self.metrics.grpc_seconds.labels(SERVICE, method, kind).observe(time.perf_counter() - start)
             if code is not grpc.StatusCode.OK:
                 self.metrics.failed.labels(code.name).inc()
+            self.metrics.tenant_request(current_tenant(), code.name)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ApiError) -> None:
         await context.abort(exc.status.code, exc.status.details, exc.status.trailing_metadata)
@@ -195,11 +198,12 @@ class VisionChatServiceServicer:
     def _admitted(self) -> Iterator[None]:
         if self.state.draining:
             raise unavailable("the server is shutting down; retry on another replica")
-        self.state.in_flight += 1
-        try:
-            yield
-        finally:
-            self.state.in_flight -= 1
+        with self.state.tenants.take(current_tenant()):
+            self.state.in_flight += 1
+            try:
+                yield
+            finally:
+                self.state.in_flight -= 1
 
     # --- RPCs ------------------------------------------------------------------------------------
 
@@ -508,6 +512,8 @@ class VisionChatServiceServicer:
         self, request_id: str, outcome: _Outcome, prompt_tokens: int, image_tokens: int, arrival: float
     ) -> None:
         total = time.time() - arrival
+        tenant = current_tenant()
+        self.metrics.tenant_tokens(tenant, outcome.completion_tokens)
         self.metrics.request_finished(
             outcome.worker,
             outcome.reason.value,
@@ -522,6 +528,7 @@ class VisionChatServiceServicer:
         record = {
             "event": "request_finished",
             "request_id": request_id,
+            "tenant": tenant,
             "worker": outcome.worker,
             "finish_reason": outcome.reason.value,
             "prompt_tokens": prompt_tokens,

@@ -32,6 +32,7 @@ class PrepareJob:
     # Where each image's crops go, then each video frame's (videos in order); empty = count only.
     pixel_paths: tuple[str, ...] = ()
     live_marker: str = ""  # a file that exists while the request still wants this job ("": no check)
+    allow_special_tokens_in_text: bool = False
     videos: tuple[PlannedVideo, ...] = ()
 
     def check_wanted(self) -> None:
@@ -58,7 +59,12 @@ class PreparedPrompt:
 
 def tokenize(job: PrepareJob, builder: PromptBuilder) -> EncodedPrompt:
     try:
-        return builder.encode_prompt(job.messages, list(job.image_tokens), [v.prompt_frames() for v in job.videos])
+        return builder.encode_prompt(
+            job.messages,
+            list(job.image_tokens),
+            [v.prompt_frames() for v in job.videos],
+            job.allow_special_tokens_in_text,
+        )
     except PromptError as exc:
         raise InvalidInput(exc.field, exc.message) from exc
 

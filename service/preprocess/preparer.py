@@ -98,6 +98,7 @@ class Preparer:
         context_len: int,
         video_limits: VideoLimits,
         vocab_size: int,
+        allow_special_tokens_in_text: bool = False,
     ) -> None:
         self.builder = builder
         self.pool = pool
@@ -106,6 +107,7 @@ class Preparer:
         self.context_len = context_len
         self.video_limits = video_limits
         self.vocab_size = vocab_size
+        self.allow_special_tokens_in_text = allow_special_tokens_in_text
         self._format_problems: OrderedDict[ResponseFormat, str] = OrderedDict()  # "" = usable
         self.bytes_per_token = max_bytes_per_token(builder.tokenizer)
 
@@ -188,6 +190,7 @@ class Preparer:
             max_pixels=self.max_pixels,
             pixel_paths=reservation.paths if reservation else (),
             live_marker=reservation.live_marker if reservation else "",
+            allow_special_tokens_in_text=self.allow_special_tokens_in_text,
             videos=checked.planned,
         )
 

@@ -40,6 +40,11 @@ KINDS = ("image", "video")
 _PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
 # Ours: `<|video_N|>` expands to its frames' image tags before the text is split like the original's.
 _ANY_PLACEHOLDER = re.compile(r"<\|(image|video)_(\d+)\|>")
+# Ours: message text is wrapped in these private-use marks while the template is rendered, so that the
+# text's special-token strings can be told from the template's own (see PromptBuilder._encode_chunk).
+# The marks are removed from message text first: no caller can use them.
+TEXT_OPEN, TEXT_CLOSE = "\ue000", "\ue001"
+_TEXT_MARK = re.compile(f"({TEXT_OPEN}|{TEXT_CLOSE})")
 _END_OF_TURN = "<|end|>"
 
 
@@ -131,7 +136,9 @@ def _attach(messages: Sequence[ChatMessage], kind: str, count: int) -> None:
             )
 
 
-def _turn_text(msg: ChatMessage, i: int, counts: dict[str, int]) -> tuple[str, list[tuple[str, int, str]]]:
+def _turn_text(
+    msg: ChatMessage, i: int, counts: dict[str, int], mark_text: bool = False
+) -> tuple[str, list[tuple[str, int, str]]]:
     """The turn's final text and its image/video references in text order, each with the field that placed it."""
     field = f"messages[{i}].text"
     named: list[tuple[str, int]] = []
@@ -150,11 +157,16 @@ def _turn_text(msg: ChatMessage, i: int, counts: dict[str, int]) -> tuple[str, l
     prefix = "".join(f"{_placeholder(k, kind)}\n" for kind, k in unnamed)
     refs = [(kind, k, f"messages[{i}].{kind}_indices") for kind, k in unnamed]
     refs += [(kind, k, field) for kind, k in named]
+    if mark_text:
+        return prefix + TEXT_OPEN + _TEXT_MARK.sub("", msg.text) + TEXT_CLOSE, refs
     return prefix + msg.text, refs
 
 
-def validated_turns(messages: Sequence[ChatMessage], num_images: int, num_videos: int = 0) -> list[dict[str, str]]:
-    """Validate the conversation; return chat-template messages with every placeholder in place."""
+def validated_turns(
+    messages: Sequence[ChatMessage], num_images: int, num_videos: int = 0, mark_text: bool = False
+) -> list[dict[str, str]]:
+    """Validate the conversation; return chat-template messages with every placeholder in place (and,
+    with `mark_text`, each message's own text between TEXT_OPEN and TEXT_CLOSE)."""
     _check_structure(messages)
     counts = {"image": num_images, "video": num_videos}
     for kind in KINDS:
@@ -162,7 +174,7 @@ def validated_turns(messages: Sequence[ChatMessage], num_images: int, num_videos
     turns: list[dict[str, str]] = []
     order: list[tuple[str, int, str]] = []
     for i, msg in enumerate(messages):
-        text, refs = _turn_text(msg, i, counts)
+        text, refs = _turn_text(msg, i, counts, mark_text)
         turns.append({"role": msg.role, "content": text})
         order.extend(refs)
     for kind in KINDS:
@@ -223,6 +235,13 @@ class PromptBuilder:
             raise ValueError(f"{path}: the tokenizer defines no BOS token")
         self._bos_id: int = bos
         self._eos_token_ids = self._read_eos_ids(path)
+        decoder = self._tokenizer.added_tokens_decoder
+        added = {t.content: i for i, t in decoder.items()}
+        self._special_ids = added
+        # Added tokens that swallow the whitespace beside them, as the tokenizer applies them.
+        self._lstrip = {t.content for t in decoder.values() if t.lstrip}
+        self._rstrip = {t.content for t in decoder.values() if t.rstrip}
+        self._special = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
 
     def _read_eos_ids(self, path: Path) -> tuple[int, ...]:
         ids: list[int] = []
@@ -237,6 +256,55 @@ class PromptBuilder:
             ids.append(self._tokenizer.eos_token_id)
         return tuple(dict.fromkeys(ids))
 
+    def _encode_chunk(self, chunk: str, inside_text: bool, ids: list[int]) -> bool:
+        """Append the ids of one marked chunk: special-token strings outside message text are control
+        tokens, and they alone split the chunk into segments, each tokenized as plain text (the
+        original splits at every special token, so text free of them gives the same ids). Returns
+        whether the chunk ends inside a message's text."""
+        segment: list[str] = []
+        strip_next = False  # after a token that strips whitespace on its right (<|assistant|> does)
+
+        def add(text: str) -> None:
+            nonlocal strip_next
+            if strip_next:
+                text = text.lstrip()
+                strip_next = not text
+            segment.append(text)
+
+        def flush(before: str = "") -> None:
+            text = "".join(segment)
+            if before in self._lstrip:
+                text = text.rstrip()
+            if text:
+                ids.extend(self._plain_ids(text))
+            segment.clear()
+
+        for piece in _TEXT_MARK.split(chunk):
+            if piece in (TEXT_OPEN, TEXT_CLOSE):
+                inside_text = piece == TEXT_OPEN
+            elif inside_text:
+                add(piece)
+            else:
+                start = 0
+                for match in self._special.finditer(piece):
+                    add(piece[start : match.start()])
+                    token = match.group(0)
+                    flush(before=token)
+                    ids.append(self._special_ids[token])
+                    strip_next = token in self._rstrip
+                    start = match.end()
+                add(piece[start:])
+        flush()
+        return inside_text
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of text in which no added token is recognised (normalizer + model, the tokenizer's own
+        steps for a segment between special tokens)."""
+        backend = self._tokenizer.backend_tokenizer
+        if backend.pre_tokenizer is not None or backend.normalizer is None:
+            return list(self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return [token.id for token in backend.model.tokenize(backend.normalizer.normalize_str(text))]
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return self._tokenizer
@@ -245,28 +313,50 @@ class PromptBuilder:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self._eos_token_ids
 
-    def render(self, messages: Sequence[ChatMessage], num_images: int | None = None, num_videos: int = 0) -> str:
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        num_images: int | None = None,
+        num_videos: int = 0,
+        mark_text: bool = False,
+    ) -> str:
         """Templated prompt text with ``<|image_N|>`` and ``<|video_N|>`` placeholders, ending with the
         assistant tag. ``num_images`` is the request's image count; by default, one more than the largest
         attached index."""
         if num_images is None:
             num_images = 1 + max((k for m in messages for k in m.image_indices if isinstance(k, int)), default=-1)
-        turns = validated_turns(messages, num_images, num_videos)
+        turns = validated_turns(messages, num_images, num_videos, mark_text)
         return self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, messages: Sequence[ChatMessage], image_token_counts: Sequence[int]) -> list[int]:
+    def encode(
+        self,
+        messages: Sequence[ChatMessage],
+        image_token_counts: Sequence[int],
+        allow_special_tokens_in_text: bool = False,
+    ) -> list[int]:
         """Prompt ids; image k appears as ``image_token_counts[k]`` copies of ``-(k + 1)``."""
-        return self.encode_prompt(messages, image_token_counts).ids
+        return self.encode_prompt(messages, image_token_counts, (), allow_special_tokens_in_text).ids
 
     def encode_prompt(
-        self, messages: Sequence[ChatMessage], image_token_counts: Sequence[int], videos: Sequence[VideoFrames] = ()
+        self,
+        messages: Sequence[ChatMessage],
+        image_token_counts: Sequence[int],
+        videos: Sequence[VideoFrames] = (),
+        allow_special_tokens_in_text: bool = False,
     ) -> EncodedPrompt:
         """Prompt ids with every image and video frame in its slot: slot s (in order of appearance)
-        appears as its token count of ``-(s + 1)``. Without videos slot k is image k."""
+        appears as its token count of ``-(s + 1)``. Without videos slot k is image k.
+
+        Special-token strings inside message text ("<|end|>", "<|assistant|>", ...) are tokenized as
+        plain text, so no caller can close its turn or open another; the template's own markers stay
+        control tokens. `allow_special_tokens_in_text` restores the original processor's behaviour
+        (every such string is a control token wherever it comes from). Text without such strings
+        tokenizes identically either way."""
         for k, count in enumerate(image_token_counts):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"image_token_counts[{k}] must be a positive int, got {count!r}")
-        text, slots = expand_videos(self.render(messages, len(image_token_counts), len(videos)), videos)
+        marked = not allow_special_tokens_in_text
+        text, slots = expand_videos(self.render(messages, len(image_token_counts), len(videos), marked), videos)
         counts = [image_token_counts[k] if kind == "image" else videos[k].frame_tokens[f] for kind, k, f in slots]
         # As Phi3VProcessor: split at every image tag and tokenize each text chunk on its own, each with a
         # BOS, so a <s> also follows every image run. The BOS is added here rather than by the tokenizer's
@@ -274,10 +364,14 @@ class PromptBuilder:
         # true) and only tokenizer.json's template adds it, so being explicit keeps both versions equal.
         parts = _PLACEHOLDER.split(text)  # [chunk, N, chunk, N, ..., chunk]
         ids: list[int] = []
+        inside_text = False  # a message's text may span an image tag, hence across chunks
         for j, part in enumerate(parts):
             if j % 2 == 0:
                 ids.append(self._bos_id)
-                ids.extend(self._tokenizer.encode(part, add_special_tokens=False))
+                if marked:
+                    inside_text = self._encode_chunk(part, inside_text, ids)
+                else:
+                    ids.extend(self._tokenizer.encode(part, add_special_tokens=False))
             else:
                 n = int(part)
                 ids.extend([-n] * counts[n - 1])
