@@ -226,9 +226,9 @@ def test_a_tenant_at_its_limit_is_shed_alone(authed: ServerProcess) -> None:
         with grpc.insecure_channel(authed.address) as ch:
             stream = pb_grpc.VisionChatServiceStub(ch).Generate(long, timeout=120, metadata=bearer("alpha-secret"))
             it = iter(stream)
-            next(it)
+            first = next(it)  # a delta: the request is running
             started.wait(30)
-            return sum(len(r.delta.tokens) for r in it if r.HasField("delta"))
+            return len(first.delta.tokens) + sum(len(r.delta.tokens) for r in it if r.HasField("delta"))
 
     with ThreadPoolExecutor(2) as pool:
         hogs = [pool.submit(hog) for _ in range(2)]
@@ -239,7 +239,7 @@ def test_a_tenant_at_its_limit_is_shed_alone(authed: ServerProcess) -> None:
             status = rpc_status.from_call(err)  # type: ignore[arg-type]
             assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
             assert len(hello(ch, bearer("beta-secret"))) == 3  # another tenant is served meanwhile
-        assert [h.result(timeout=120) for h in hogs] == [299, 299]
+        assert [h.result(timeout=120) for h in hogs] == [300, 300]
     assert authed.metric("visionchat_tenant_requests_total", tenant="team-a", code="RESOURCE_EXHAUSTED") >= 1
     assert authed.metric("visionchat_tenant_requests_total", tenant="team-b", code="OK") >= 1
     with grpc.insecure_channel(authed.address) as ch:
