@@ -69,6 +69,21 @@ def _greedy_only(rows: Seq[SamplingRow]) -> bool:
     )
 
 
+def _draw(probs: torch.Tensor, rows: Seq[SamplingRow]) -> list[int | None]:
+    """One token per row by inverse transform sampling: each row's own generator draws one uniform u,
+    and the token is the first whose cumulative probability exceeds u (tokens of probability 0, such as
+    those a response format masks, are never drawn). A row's draw depends only on its generator, so a
+    seed gives the same tokens whatever shares the batch. One batched cumsum and search replace a
+    multinomial per row (0.85 ms each over 32k tokens on one CPU core)."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]  # softmax rows lie in [0, 1]: a NaN or inf anywhere shows in the total
+    usable = (torch.isfinite(total) & (total > 0)).tolist()
+    u = torch.stack([torch.rand((), generator=row.generator, dtype=cdf.dtype, device=cdf.device) for row in rows])
+    found = torch.searchsorted(cdf, (u * total).unsqueeze(-1), right=True).squeeze(-1)
+    tokens = found.clamp_(max=cdf.shape[1] - 1).tolist()
+    return [t if ok else None for t, ok in zip(tokens, usable, strict=True)]
+
+
 def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
     """logits: (S, vocab) float32, one row per sequence that samples this step."""
     if not rows:
@@ -94,12 +109,9 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> list[TokenOutput]:
             top_k = torch.tensor([sub_rows[j].options.top_k for j in filtered], dtype=torch.long, device=work.device)
             top_p = torch.tensor([sub_rows[j].options.top_p for j in filtered], dtype=work.dtype, device=work.device)
             sub[filtered] = _filter_top_k_top_p(sub[filtered], top_k, top_p)
-        probs = sub.softmax(dim=-1)
-        for j, (i, row) in enumerate(zip(sampled_idx, sub_rows, strict=True)):
-            p = probs[j]
-            if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
-                continue  # degenerate distribution (overflow): keep the argmax rather than fail the batch
-            chosen[i] = int(torch.multinomial(p, 1, generator=row.generator).item())
+        for j, token in enumerate(_draw(sub.softmax(dim=-1), sub_rows)):
+            if token is not None:  # None: a degenerate distribution (overflow); keep the argmax
+                chosen[sampled_idx[j]] = token
 
     token_ids = chosen
     outputs = [TokenOutput(t) for t in token_ids]
