@@ -79,11 +79,7 @@ def make_clip(
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
         if sound is not None:
-            for k in range(20):
-                chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
-                chunk.sample_rate, chunk.pts, chunk.time_base = 48000, k * 1024, Fraction(1, 48000)
-                out.mux(sound.encode(chunk))
-            out.mux(sound.encode(None))
+            _mux_silence(out, sound)
     return buf.getvalue()
 
 
@@ -103,15 +99,19 @@ def make_undecodable(frames: int = 24, fps: int = 12) -> bytes:
     return buf.getvalue()
 
 
+def _mux_silence(out: av.container.OutputContainer, sound: av.audio.stream.AudioStream) -> None:
+    """20 frames (0.43 s) of mono silence through `sound` into `out`."""
+    for k in range(20):
+        chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+        chunk.sample_rate, chunk.pts, chunk.time_base = 48000, k * 1024, Fraction(1, 48000)
+        out.mux(sound.encode(chunk))
+    out.mux(sound.encode(None))
+
+
 def make_audio_only() -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
-        sound = out.add_stream("aac", rate=48000, layout="mono")
-        for k in range(20):
-            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = 48000, k * 1024, Fraction(1, 48000)
-            out.mux(sound.encode(chunk))
-        out.mux(sound.encode(None))
+        _mux_silence(out, out.add_stream("aac", rate=48000, layout="mono"))
     return buf.getvalue()
 
 

@@ -214,3 +214,15 @@ def node_chat_client() -> list[str]:
             pytest.fail("node or the npm packages of client/node are missing; `make setup` installs them")
         pytest.skip("node or the npm packages of client/node are missing")
     return [node, str(node_dir / "chat.js")]
+
+
+def stream_text_until(server: ServerProcess, stop: threading.Event, times: list[float], timeout: float = 600) -> None:
+    """A long text stream (1,500 tokens) that records when each delta arrives, until `stop` is set: the
+    neighbour whose pace a heavy request must not break."""
+    with grpc.insecure_channel(server.address) as ch:
+        req = generate_request("Write a haiku about the sea.", max_new_tokens=1500, ignore_eos=True)
+        for r in pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=timeout):
+            if r.HasField("delta") and r.delta.tokens:
+                times.append(time.time())
+            if stop.is_set():
+                break

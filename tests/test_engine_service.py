@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, image_bytes, stream_text_until
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
 
@@ -105,18 +105,9 @@ def test_twenty_frames_complete_while_others_stream_and_too_big_is_refused() -> 
         text_times: list[float] = []
         big_done = threading.Event()
 
-        def stream_text() -> None:
-            # Long enough to outlast the big request (and with it still under the KV pool: 15.2k + 1.5k
-            # tokens of ~18.6k, so nothing is preempted); cancelled once that is done.
-            with grpc.insecure_channel(proc.address) as ch:
-                req = generate_request("Write a haiku about the sea.", max_new_tokens=1500, ignore_eos=True)
-                for r in pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=300):
-                    if r.HasField("delta") and r.delta.tokens:
-                        text_times.append(time.time())
-                    if big_done.is_set():
-                        break
-
-        streamer = threading.Thread(target=stream_text)
+        # Long enough to outlast the big request (and with it still under the KV pool: 15.2k + 1.5k
+        # tokens of ~18.6k, so nothing is preempted); stopped once that is done.
+        streamer = threading.Thread(target=stream_text_until, args=(proc, big_done, text_times, 300))
         streamer.start()
         while not text_times:
             time.sleep(0.01)

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from clips import frame_number, make_audio_only, make_clip, make_undecodable, png
-from harness import TINY_MODEL, ServerProcess, collect, generate_request, node_chat_client
+from harness import TINY_MODEL, ServerProcess, collect, generate_request, node_chat_client, stream_text_until
 from PIL import Image
 from visionchat.v1 import visionchat_pb2 as pb
 from visionchat.v1 import visionchat_pb2_grpc as pb_grpc
@@ -293,16 +293,6 @@ def test_video_references_are_checked(server: ServerProcess) -> None:
             longer = make_clip("mp4", frames=96, fps=24)
             collect(stub.Generate(video_request(PROMPT, [video(longer, num_frames=40, num_crops=1)] * 2, max_new_tokens=1), timeout=30))
         assert "80 sampled frames exceed the limit of 64 per request (--max-video-frames)" in info.value.details()
-
-
-def stream_text_until(server: ServerProcess, stop: threading.Event, times: list[float]) -> None:
-    with channel(server) as ch:
-        req = generate_request("Write a haiku about the sea.", max_new_tokens=1500, ignore_eos=True)
-        for r in pb_grpc.VisionChatServiceStub(ch).Generate(req, timeout=600):
-            if r.HasField("delta") and r.delta.tokens:
-                times.append(time.time())
-            if stop.is_set():
-                break
 
 
 @pytest.mark.parametrize("num_frames", [32, 64])

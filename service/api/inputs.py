@@ -120,23 +120,9 @@ def video_options(options: pb.VideoOptions, field: str) -> VideoOptions:
 
 
 def check_video_limits(config: ServerConfig, sizes: list[int], field: str = "videos") -> None:
-    if len(sizes) > config.max_videos:
-        raise invalid_argument(
-            field, f"{len(sizes)} videos exceed the limit of {config.max_videos} per request (--max-videos)"
-        )
-    for k, size in enumerate(sizes):
-        if size > config.max_video_bytes:
-            raise invalid_argument(
-                f"{field}[{k}]",
-                f"{size} bytes exceed the limit of {config.max_video_bytes} bytes per video (--max-video-bytes)",
-            )
-    total = sum(sizes)
-    if total > config.max_total_video_bytes:
-        raise invalid_argument(
-            field,
-            f"{total} video bytes exceed the limit of {config.max_total_video_bytes} per request "
-            f"(--max-total-video-bytes)",
-        )
+    _check_attachment_limits(
+        "video", sizes, field, config.max_videos, config.max_video_bytes, config.max_total_video_bytes
+    )
 
 
 def inline_videos(config: ServerConfig, videos: Iterable[pb.Video]) -> tuple[VideoRequest, ...]:
@@ -152,22 +138,29 @@ def inline_videos(config: ServerConfig, videos: Iterable[pb.Video]) -> tuple[Vid
 
 
 def check_image_limits(config: ServerConfig, sizes: list[int], field: str = "images") -> None:
-    if len(sizes) > config.max_images:
+    _check_attachment_limits(
+        "image", sizes, field, config.max_images, config.max_image_bytes, config.max_total_image_bytes
+    )
+
+
+def _check_attachment_limits(
+    kind: str, sizes: list[int], field: str, max_count: int, max_bytes: int, max_total: int
+) -> None:
+    """Count, per-item and total byte limits of a request's images or videos (flags --max-{kind}s,
+    --max-{kind}-bytes, --max-total-{kind}-bytes)."""
+    if len(sizes) > max_count:
         raise invalid_argument(
-            field, f"{len(sizes)} images exceed the limit of {config.max_images} per request (--max-images)"
+            field, f"{len(sizes)} {kind}s exceed the limit of {max_count} per request (--max-{kind}s)"
         )
     for k, size in enumerate(sizes):
-        if size > config.max_image_bytes:
+        if size > max_bytes:
             raise invalid_argument(
-                f"{field}[{k}]",
-                f"{size} bytes exceed the limit of {config.max_image_bytes} bytes per image (--max-image-bytes)",
+                f"{field}[{k}]", f"{size} bytes exceed the limit of {max_bytes} bytes per {kind} (--max-{kind}-bytes)"
             )
     total = sum(sizes)
-    if total > config.max_total_image_bytes:
+    if total > max_total:
         raise invalid_argument(
-            field,
-            f"{total} image bytes exceed the limit of {config.max_total_image_bytes} per request "
-            f"(--max-total-image-bytes)",
+            field, f"{total} {kind} bytes exceed the limit of {max_total} per request (--max-total-{kind}-bytes)"
         )
 
 
