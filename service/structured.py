@@ -85,22 +85,22 @@ class Grammars:
         self.vocab_size = vocab_size
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self._limits = _limits()
-        self._pristine: OrderedDict[ResponseFormat, Any] = OrderedDict()
-        self._problems: OrderedDict[ResponseFormat, str] = OrderedDict()
+        self._pristine = FormatCache()
+        self._problems = FormatCache()  # "" = usable
 
     def problem(self, fmt: ResponseFormat) -> str:
         """Why this format cannot be used ("" when it can)."""
         import llguidance as llg
 
-        if fmt in self._problems:
-            self._problems.move_to_end(fmt)
-            return self._problems[fmt]
+        cached = self._problems.get(fmt)
+        if cached is not None:
+            return str(cached)
         try:
             grammar = fmt.grammar()
             problem = llg.LLMatcher.validate_grammar(grammar, self._tokenizer, limits=self._limits)
         except ValueError as exc:
             problem = str(exc)
-        _remember(self._problems, fmt, problem)
+        self._problems.put(fmt, problem)
         return str(problem)
 
     def matcher(self, fmt: ResponseFormat) -> Any:
@@ -112,16 +112,28 @@ class Grammars:
             pristine = llg.LLMatcher(self._tokenizer, fmt.grammar(), log_level=0, limits=self._limits)
             if pristine.is_error():
                 raise ValueError(pristine.get_error())
-            _remember(self._pristine, fmt, pristine)
-        else:
-            self._pristine.move_to_end(fmt)
+            self._pristine.put(fmt, pristine)
         return pristine.deep_copy()
 
 
-def _remember(cache: OrderedDict[ResponseFormat, Any], fmt: ResponseFormat, value: Any) -> None:
-    cache[fmt] = value
-    if len(cache) > CACHE_SIZE:
-        cache.popitem(last=False)
+class FormatCache:
+    """What is known about the most recently used response formats (least recently used dropped first)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[ResponseFormat, Any] = OrderedDict()
+
+    def get(self, fmt: ResponseFormat) -> Any:
+        """The value kept for `fmt`, or None."""
+        value = self._items.get(fmt)
+        if value is not None:
+            self._items.move_to_end(fmt)
+        return value
+
+    def put(self, fmt: ResponseFormat, value: Any) -> None:
+        self._items[fmt] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
 
 
 def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]) -> None:

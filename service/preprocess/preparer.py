@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..context_limit import context_problem
@@ -25,7 +24,7 @@ from ..processor.image import (
 )
 from ..processor.prompt import ChatMessage, PromptBuilder
 from ..processor.video import VideoLimits
-from ..structured import ResponseFormat
+from ..structured import FormatCache, ResponseFormat
 from . import job as job_module
 from .job import PreparedPrompt, PrepareJob, prepare
 from .limits import max_bytes_per_token, min_text_tokens
@@ -108,7 +107,7 @@ class Preparer:
         self.video_limits = video_limits
         self.vocab_size = vocab_size
         self.allow_special_tokens_in_text = allow_special_tokens_in_text
-        self._format_problems: OrderedDict[ResponseFormat, str] = OrderedDict()  # "" = usable
+        self._format_problems = FormatCache(FORMAT_CACHE_SIZE)  # "" = usable
         self.bytes_per_token = max_bytes_per_token(builder.tokenizer)
 
     def check(
@@ -172,11 +171,7 @@ class Preparer:
         problem = self._format_problems.get(fmt)
         if problem is None:
             problem = await self.pool.run(job_module.format_problem_in_process, (fmt, self.vocab_size))
-            self._format_problems[fmt] = problem
-            if len(self._format_problems) > FORMAT_CACHE_SIZE:
-                self._format_problems.popitem(last=False)
-        else:
-            self._format_problems.move_to_end(fmt)
+            self._format_problems.put(fmt, problem)
         if problem:
             raise InvalidInput(fmt.field, problem)
 
